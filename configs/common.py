@@ -1,0 +1,125 @@
+"""Shared defaults for every config, and the `cpu` / `tiny` variants.
+
+Sections: `data`, `model`, `train`, `optim`, `schedule`, `eval`, `checkpoint`. Schedules are given in epochs
+(SPEC 3: beta and the free-nats floor step once per epoch at its start); `schedule.continuous=True` makes them
+piecewise-linear in fractional epochs instead, which short runs need.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 1
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "fashion_mnist"
+  config.data.preprocessing = "binarize"
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.shuffle_buffer = 60_000
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "hvae"
+  config.model.kernels = (5, 3, 3)
+  config.model.channels = ((64, 64, 64),) * 3
+  config.model.strides = ((1, 1, 2), (1, 1, 2), (1, 1, 1))
+  config.model.latent_types = ("conv", "dense", "dense")
+  config.model.latent_dims = (8, 16, 8)
+  config.model.likelihood = "bernoulli"
+  config.model.nr_mix = 10
+  config.model.inference = "bottom_up"  # or "ladder" (top-down inference)
+  config.model.aux_identity_add = False  # True: add identically shaped skips instead of dropping them (HEAD)
+  config.model.compute_dtype = "float32"  # "bfloat16": bf16 convs, float32 likelihoods and KL
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128
+  config.train.num_steps = -1  # -1: schedule.epochs * steps_per_epoch
+  config.train.time_budget_minutes = 0.0  # > 0: stop (and checkpoint) after this much training wall time
+  config.train.log_every_steps = 50
+  config.train.eval_every_steps = -1  # -1: every eval.every_epochs epochs
+  config.train.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 3e-4
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.grad_clip = 0.0  # > 0: clip the global gradient norm to this
+  config.optim.skip_threshold = 0.0  # > 0: skip updates whose gradient norm exceeds this
+  config.optim.max_consecutive_skips = 100  # stop the run with a clear error after this many skips in a row
+  config.optim.ema_decay = 0.0  # > 0: keep an EMA of the parameters (used for evaluation)
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.epochs = 1000
+  config.schedule.warmup_epochs = 200.0
+  config.schedule.free_nats = 2.0
+  config.schedule.free_nats_constant_epochs = 200.0
+  config.schedule.free_nats_anneal_epochs = 200.0
+  config.schedule.free_nats_granularity = "per_layer_total"  # paper; "per_channel" = reference HEAD
+  config.schedule.continuous = False
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_epochs = 10
+  config.eval.batch_size = 250
+  config.eval.max_examples = 10_000
+  config.eval.ood_datasets = ("mnist",)
+  config.eval.num_samples = 32  # prior samples in the image grid
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 2000
+  config.checkpoint.every_minutes = 10.0
+  config.checkpoint.keep = 3
+  return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Returns the config for `paper` (unchanged), `cpu` or `tiny`."""
+  variant = variant or "paper"
+  if variant == "paper":
+    return config
+  if variant == "cpu":
+    return cpu_variant(config)
+  if variant == "tiny":
+    return tiny_variant(config)
+  raise ValueError(f"Unknown config variant {variant!r}; choose 'paper', 'cpu' or 'tiny' "
+                   "(e.g. --config configs/fashion_mnist_hvae.py:cpu).")
+
+
+def cpu_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """30 minutes of training on 2 CPU cores: the paper's model, schedules compressed into the budget."""
+  config.train.time_budget_minutes = 30.0
+  config.train.num_steps = 100_000  # the wall-clock budget ends the run first
+  config.schedule.continuous = True
+  config.schedule.warmup_epochs = 0.5
+  config.schedule.free_nats_constant_epochs = 0.5
+  config.schedule.free_nats_anneal_epochs = 0.5
+  config.eval.every_epochs = 1
+  config.eval.max_examples = 2000
+  config.checkpoint.every_steps = 500
+  config.checkpoint.every_minutes = 5.0
+  return config
+
+
+def tiny_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few-thousand-parameter model for tests and CI (seconds per step budget on CPU)."""
+  m = config.model
+  n = len(m.kernels)
+  m.channels = tuple((8,) * len(c) for c in m.channels)
+  m.latent_dims = tuple(min(d, 4) for d in m.latent_dims)
+  del n
+  config.train.batch_size = 16
+  config.train.num_steps = 20
+  config.train.log_every_steps = 5
+  config.train.eval_every_steps = 10
+  config.schedule.continuous = True
+  config.schedule.warmup_epochs = 0.01
+  config.schedule.free_nats_constant_epochs = 0.01
+  config.schedule.free_nats_anneal_epochs = 0.01
+  config.data.shuffle_buffer = 1000
+  config.eval.batch_size = 50
+  config.eval.max_examples = 100
+  config.eval.num_samples = 8
+  config.checkpoint.every_steps = 10
+  config.checkpoint.every_minutes = 0.0
+  config.checkpoint.keep = 2
+  return config

@@ -1,0 +1,34 @@
+"""Model family: the paper's HVAE (bottom-up or ladder inference); BIVA lives in `biva.py` when built."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from hvaeood.models.hvae import HVAE, HVAESpec, Output, count_params, spec_from_config
+
+MODELS = {"hvae": HVAE}
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]) -> nn.Module:
+  """Builds the model named by `model_cfg.name` for images of shape (H, W, C)."""
+  name = model_cfg.get("name", "hvae")
+  if name == "biva":
+    from hvaeood.models.biva import BIVA, biva_spec_from_config  # pylint: disable=import-outside-toplevel
+    return BIVA(biva_spec_from_config(model_cfg, image_shape))
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS) + ['biva']}.")
+  return MODELS[name](spec_from_config(model_cfg, image_shape))
+
+
+def init_params(model: nn.Module, rng: jax.Array, init_batch: jax.Array):
+  """Data-dependent initialisation on a real batch [B, H, W, C] (weight-norm g and b set from its stats)."""
+  param_rng, sample_rng = jax.random.split(rng)
+  variables = jax.jit(lambda b: model.init({"params": param_rng, "sample": sample_rng}, b, 0))(init_batch)
+  return variables["params"]
+
+
+__all__ = ["HVAE", "HVAESpec", "Output", "build_model", "count_params", "init_params", "spec_from_config"]
