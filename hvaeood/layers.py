@@ -137,9 +137,8 @@ class WNDense(_WeightNormBase):
 
 def avg_pool_residual(x: Array, stride: int) -> Array:
   """3x3 average pool with stride s, SAME zero padding (extra at bottom/right) counted in the divisor of 9."""
-  pads = ((0, 0), same_pads(x.shape[1], 3, stride), same_pads(x.shape[2], 3, stride), (0, 0))
-  summed = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, (1, 3, 3, 1), (1, stride, stride, 1), pads)
-  return summed / 9.0
+  pads = (same_pads(x.shape[1], 3, stride), same_pads(x.shape[2], 3, stride))
+  return nn.avg_pool(x, (3, 3), (stride, stride), pads, count_include_pad=True)
 
 
 def match_channels(x: Array, channels: int) -> Array:

@@ -1,0 +1,598 @@
+"""tf.data input pipelines for training and evaluation (SPEC section 4).
+
+Everything a model sees goes through `preprocess_image`, the one place where
+pixel values k in {0..255} become model inputs in [0, 1]:
+
+* ``binarize``   x ~ Bernoulli(k / 255), a fresh draw every epoch / pass.
+* ``dequantize`` x = (k + u) / 256, u ~ U[0, 1), fresh every epoch; x is in
+  [0, 1) and floor(256 x) == k exactly (u is capped at 1 - 2^-16 so float32
+  rounding can never reach the next bin).
+* ``bin_centre`` x = (2k + 1) / 512, the centre of bin k of width 1/256
+  (deterministic; the `bin_centre` option of SPEC 7.4).
+* ``quantize``   x = k / 255 (deterministic).
+
+Randomness is stateless and keyed by (seed, stream, epoch, example index), so a
+given example gets the same noise in the same epoch no matter the batch it
+lands in, how many hosts read the data, or whether the run was resumed; and a
+different draw in every epoch. The example index is its position in the TFDS
+split (file order), hence independent of `process_count`.
+
+Training pipeline (`create_train_iterator`): per-host slice of the train split
+-> decode -> `cache()` of raw uint8 -> for each epoch: a stateless shuffle keyed
+by (seed, epoch, process_index), truncated to the same number of examples on
+every host -> per-epoch preprocessing -> `batch(drop_remainder=True)` ->
+`prefetch`. Batches never straddle epochs: an epoch is exactly
+`steps_per_epoch` batches and the rest of the (shuffled) epoch is dropped, so
+step s belongs to epoch s // steps_per_epoch. Resuming at `start_step` starts
+the epoch stream at that epoch and skips the first (start_step mod
+steps_per_epoch) batches of it (cheap: the skip happens before preprocessing),
+which yields exactly the batches an uninterrupted run yields from `start_step`.
+
+Why not `Dataset.shuffle(seed=...)`: its order also depends on TF's global seed
+(`tf.random.set_seed`), which would make resumption depend on global state. The
+stateless shuffle here permutes blocks of `config.data.shuffle_buffer`
+consecutive examples; a buffer >= the split size (or 0/None) is a full uniform
+permutation per epoch, which is what all datasets here use by default.
+
+TF is kept off accelerators (JAX owns them). JAX is not imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+
+def _hide_accelerators_from_tf() -> None:
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # Already initialised / no such kind.
+      pass
+
+
+_hide_accelerators_from_tf()
+
+PREPROCESSING_KINDS = ('binarize', 'dequantize', 'bin_centre', 'quantize')
+
+# Random streams, so that training and evaluation noise are unrelated.
+_TRAIN_STREAM = 1
+_EVAL_STREAM = 2
+_SHUFFLE_STREAM = 3
+_MAX_EPOCHS = 2**40
+
+# Largest float32 below 1.
+_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
+# u is capped here so that k + u (k <= 255) never rounds up to k + 1 in float32.
+_MAX_DEQUANT_NOISE = 1.0 - 2.0**-16
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the pipeline needs to know about a dataset.
+
+  Attributes:
+    name: our name (registry key).
+    tfds_name: TFDS builder name.
+    splits: our split name -> TFDS split name. Other names are passed to TFDS
+      unchanged (e.g. omniglot 'small1').
+    shape: (H, W, C) of the images the pipeline outputs.
+    grayscale: whether the images are single-intensity (C == 1, or grey
+      replicated to 3 channels).
+    preprocessing: default preprocessing kind (SPEC 4 / README configs).
+    source_transform: applied to the decoded uint8 image before caching:
+      None, 'omniglot28' or 'omniglot28_inverted'.
+    colour_transform: applied to intensities in [0, 1]: None or 'luminance'.
+    idx_source: default directory of IDX files for `hvaeood.data_import`
+      (only for datasets that can be imported offline).
+  """
+  name: str
+  tfds_name: str
+  splits: Mapping[str, str]
+  shape: tuple[int, int, int]
+  grayscale: bool
+  preprocessing: str
+  source_transform: str | None = None
+  colour_transform: str | None = None
+  idx_source: str | None = None
+
+
+# 'validation' follows the reference (SPEC 4): the official test set, except
+# for SVHN where it is the 'extra' split.
+_TRAIN_TEST = {'train': 'train', 'test': 'test', 'validation': 'test'}
+
+DATASETS: dict[str, DatasetInfo] = {
+    'fashion_mnist': DatasetInfo(
+        'fashion_mnist', 'fashion_mnist', _TRAIN_TEST, (28, 28, 1), True,
+        'binarize', idx_source='/usr/share/datasets/fashion-mnist'),
+    'mnist': DatasetInfo(
+        'mnist', 'mnist', _TRAIN_TEST, (28, 28, 1), True, 'binarize',
+        idx_source=os.path.join(os.path.dirname(_REPO_ROOT), 'shared', 'data',
+                                'mnist')),
+    'kmnist': DatasetInfo(
+        'kmnist', 'kmnist', _TRAIN_TEST, (28, 28, 1), True, 'binarize'),
+    # TFDS omniglot: train = 'background' set, test = 'evaluation' set, 105x105
+    # RGB with identical channels, dark strokes on a white background (as in
+    # the reference's non-inverted Omniglot28x28). Resized with nearest.
+    'omniglot': DatasetInfo(
+        'omniglot', 'omniglot', _TRAIN_TEST, (28, 28, 1), True, 'binarize',
+        source_transform='omniglot28'),
+    # White strokes on black, like MNIST (reference Omniglot28x28Inverted).
+    'omniglot_inverted': DatasetInfo(
+        'omniglot_inverted', 'omniglot', _TRAIN_TEST, (28, 28, 1), True,
+        'binarize', source_transform='omniglot28_inverted'),
+    'cifar10': DatasetInfo(
+        'cifar10', 'cifar10', _TRAIN_TEST, (32, 32, 3), False, 'dequantize'),
+    'svhn_cropped': DatasetInfo(
+        'svhn_cropped', 'svhn_cropped',
+        {'train': 'train', 'test': 'test', 'extra': 'extra',
+         'validation': 'extra'}, (32, 32, 3), False, 'dequantize'),
+    # CIFAR10 as luminance, for grayscale models: one channel.
+    'cifar10_grey': DatasetInfo(
+        'cifar10_grey', 'cifar10', _TRAIN_TEST, (32, 32, 1), True,
+        'dequantize', colour_transform='luminance'),
+    # The reference's CIFAR10DequantizedGrey: luminance replicated to 3
+    # channels, an OOD set for RGB CIFAR models.
+    'cifar10_grey3': DatasetInfo(
+        'cifar10_grey3', 'cifar10', _TRAIN_TEST, (32, 32, 3), True,
+        'dequantize', colour_transform='luminance'),
+}
+
+ALIASES = {'svhn': 'svhn_cropped'}
+
+_IDX_IMPORTABLE = ('mnist', 'fashion_mnist', 'kmnist')
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """The dataset is not in the TFDS data_dir (and TFDS cannot download)."""
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+  """Returns the registry entry of `name` (aliases allowed).
+
+  Raises:
+    ValueError: unknown name; the message lists the known names.
+  """
+  key = ALIASES.get(name, name)
+  if key not in DATASETS:
+    known = sorted(list(DATASETS) + list(ALIASES))
+    raise ValueError(
+        f'Unknown dataset {name!r}. Known datasets: {", ".join(known)}.')
+  return DATASETS[key]
+
+
+def check_image_shape(name: str, target_shape: Sequence[int]) -> None:
+  """Raises a ValueError with a fix if dataset `name` does not fit the model.
+
+  Args:
+    name: dataset name.
+    target_shape: the model's input shape (H, W, C).
+  """
+  info = get_dataset_info(name)
+  target = tuple(int(d) for d in target_shape)
+  if info.shape == target:
+    return
+  fits = [n for n, d in DATASETS.items() if d.shape == target]
+  hint = []
+  if info.shape[:2] == target[:2] and info.shape[2] == 3 and target[2] == 1:
+    greys = [n for n in fits if DATASETS[n].tfds_name == info.tfds_name]
+    if greys:
+      hint.append(f'use {greys[0]!r} for grayscale models')
+  if info.shape[2] == 1 and target[2] == 3:
+    hint.append('grayscale images are not converted to 3 channels silently; '
+                'evaluate with a grayscale model')
+  hint.append('datasets with shape {}: {}'.format(
+      target, ', '.join(fits) if fits else 'none'))
+  raise ValueError(
+      f'Dataset {info.name!r} has images of shape {info.shape} (H, W, C) but '
+      f'the model expects {target}. Fix: ' + '; '.join(hint) + '.')
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing: the single place where uint8 pixels become model inputs.
+# ----------------------------------------------------------------------------
+
+
+def example_seed(seed: Any, stream: int, epoch: Any, index: Any) -> tf.Tensor:
+  """Stateless-RNG seed (int64 [2]) for one example in one epoch."""
+  key = tf.stack([tf.cast(seed, tf.int64), tf.constant(stream, tf.int64)])
+  key = tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+
+
+def _luminance(x: tf.Tensor) -> tf.Tensor:
+  """Reference grey conversion (SPEC 4): sRGB luminance, then gamma expansion.
+
+  The reference applies the Rec. 709 weights to the (gamma-encoded) values
+  and then the sRGB gamma expansion to the result; we do the same for parity.
+  Input [..., 3] in [0, 1], output [..., 1] in [0, 1].
+  """
+  weights = tf.constant([0.2126, 0.7152, 0.0722], x.dtype)
+  y = tf.reduce_sum(x * weights, axis=-1, keepdims=True)
+  y = tf.clip_by_value(y, 0.0, 1.0)
+  return tf.where(y <= 0.04045, y / 12.92, tf.pow((y + 0.055) / 1.055, 2.4))
+
+
+def _apply_colour(x: tf.Tensor, colour_transform: str | None,
+                  channels: int) -> tf.Tensor:
+  if colour_transform is None:
+    return x
+  if colour_transform == 'luminance':
+    y = _luminance(x)
+  else:
+    raise ValueError(f'Unknown colour transform {colour_transform!r}.')
+  if channels != 1:
+    y = tf.repeat(y, channels, axis=-1)
+  return y
+
+
+def preprocess_image(image: tf.Tensor, kind: str, seed: tf.Tensor | None,
+                     *, colour_transform: str | None = None,
+                     channels: int | None = None) -> tf.Tensor:
+  """Maps uint8 pixels to float32 model inputs in [0, 1].
+
+  Args:
+    image: uint8 [..., H, W, C] (any leading dims).
+    kind: one of `PREPROCESSING_KINDS`.
+    seed: int [2] stateless seed (see `example_seed`); required for
+      'binarize' and 'dequantize', ignored otherwise.
+    colour_transform: None or 'luminance' (RGB -> grey).
+    channels: output channels after a colour transform (1, or 3 to replicate).
+
+  Returns:
+    float32 tensor, same shape as `image` (channels changed by a colour
+    transform).
+  """
+  if kind not in PREPROCESSING_KINDS:
+    raise ValueError(f'Unknown preprocessing {kind!r}; expected one of '
+                     f'{PREPROCESSING_KINDS}.')
+  k = tf.cast(image, tf.float32)
+  out_channels = channels or 1
+  if kind == 'binarize':
+    p = _apply_colour(k / 255.0, colour_transform, 1)
+    u = tf.random.stateless_uniform(tf.shape(p), seed=seed, dtype=tf.float32)
+    x = tf.cast(u < p, tf.float32)  # p == 0 -> 0 and p == 1 -> 1, exactly.
+    if colour_transform is not None and out_channels != 1:
+      x = tf.repeat(x, out_channels, axis=-1)
+    return x
+  if kind == 'dequantize':
+    u = tf.random.stateless_uniform(tf.shape(k), seed=seed, dtype=tf.float32)
+    x = (k + tf.minimum(u, _MAX_DEQUANT_NOISE)) / 256.0
+  elif kind == 'bin_centre':
+    x = (2.0 * k + 1.0) / 512.0
+  else:  # quantize
+    x = k / 255.0
+  x = _apply_colour(x, colour_transform, out_channels)
+  if colour_transform is not None and kind == 'dequantize':
+    x = tf.minimum(x, _BELOW_ONE)  # Keep dequantised data in [0, 1).
+  return x
+
+
+def preprocess_numpy(images: np.ndarray, kind: str, *, seed: int,
+                     epoch: int = 0, indices: Sequence[int] | None = None,
+                     stream: int = _EVAL_STREAM) -> np.ndarray:
+  """`preprocess_image` on a numpy uint8 batch [N, H, W, C] (for tools/tests).
+
+  Example i gets the seed of (seed, stream, epoch, indices[i]); with the
+  default stream this equals what `create_eval_dataset` gives example
+  indices[i] of a split.
+  """
+  images = np.asarray(images)
+  if indices is None:
+    indices = np.arange(len(images))
+  indices = tf.constant(np.asarray(indices, np.int64))
+
+  def one(args):
+    img, idx = args
+    return preprocess_image(img, kind, example_seed(seed, stream, epoch, idx))
+
+  out = tf.map_fn(one, (tf.constant(images), indices),
+                  fn_output_signature=tf.float32)
+  return out.numpy()
+
+
+# ----------------------------------------------------------------------------
+# Reading TFDS.
+# ----------------------------------------------------------------------------
+
+
+def _not_prepared_message(info: DatasetInfo, data_dir: str | None,
+                          detail: str) -> str:
+  where = data_dir if data_dir else (
+      f'the default TFDS data_dir ({tfds.core.constants.DATA_DIR})')
+  target = data_dir or '~/tensorflow_datasets'
+  if info.tfds_name in _IDX_IMPORTABLE:
+    src = info.idx_source if info.idx_source and os.path.isdir(
+        info.idx_source) else '<directory with the *-idx?-ubyte[.gz] files>'
+    fix = (f'python -m hvaeood.data_import --name {info.tfds_name} '
+           f'--src {src} --data_dir {target}')
+  else:
+    fix = (f'on a machine with network: tfds build {info.tfds_name} '
+           f'--data_dir {target}, then copy {target}/{info.tfds_name} here')
+  return (f'Dataset {info.name!r} (TFDS {info.tfds_name!r}) is not prepared '
+          f'in {where} and TFDS cannot download here ({detail}). '
+          f'To fix, run: {fix}')
+
+
+def _builder(info: DatasetInfo, data_dir: str | None):
+  try:
+    builder = tfds.builder(info.tfds_name, data_dir=data_dir)
+    prepared = builder.is_prepared()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetNotPreparedError(
+        _not_prepared_message(info, data_dir, f'{type(e).__name__}: {e}')
+    ) from e
+  if not prepared:
+    raise DatasetNotPreparedError(
+        _not_prepared_message(info, data_dir, 'no dataset_info.json found'))
+  return builder
+
+
+def _tfds_split(info: DatasetInfo, builder, split: str,
+                data_dir: str | None) -> tuple[str, int]:
+  """Returns (TFDS split name, number of examples); clear error if absent."""
+  tfds_split = info.splits.get(split, split)
+  splits = builder.info.splits
+  if tfds_split not in splits:
+    available = sorted(splits.keys())
+    msg = (f'Split {split!r} (TFDS {tfds_split!r}) of {info.name!r} is not in '
+           f'{builder.data_dir}; available splits: {available}.')
+    if info.tfds_name in _IDX_IMPORTABLE:
+      msg += (' Re-import with the missing IDX files: ' +
+              _not_prepared_message(info, data_dir, 'split missing')
+              .split('To fix, run: ')[-1] + ' --overwrite')
+    raise ValueError(msg)
+  return tfds_split, int(splits[tfds_split].num_examples)
+
+
+def _host_range(n: int, process_index: int, process_count: int
+                ) -> tuple[int, int]:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in '
+                     f'[0, {process_count}).')
+  return (n * process_index // process_count,
+          n * (process_index + 1) // process_count)
+
+
+def _source_transform(info: DatasetInfo, image: tf.Tensor) -> tf.Tensor:
+  if info.source_transform in ('omniglot28', 'omniglot28_inverted'):
+    grey = tf.reduce_mean(tf.cast(image, tf.float32), axis=-1, keepdims=True)
+    grey = tf.image.resize(tf.round(grey), info.shape[:2], method='nearest')
+    image = tf.cast(grey, tf.uint8)
+    if info.source_transform == 'omniglot28_inverted':
+      image = 255 - image
+  elif info.source_transform is not None:
+    raise ValueError(f'Unknown source transform {info.source_transform!r}.')
+  return image
+
+
+def _read(info: DatasetInfo, builder, tfds_split: str, start: int, end: int,
+          data_dir: str | None) -> tf.data.Dataset:
+  """Examples [start, end) of a split in file order: dict(index, image, label).
+
+  `image` is uint8 after the source transform (before colour transforms).
+  """
+  try:
+    ds = builder.as_dataset(
+        split=f'{tfds_split}[{start}:{end}]', shuffle_files=False,
+        read_config=tfds.ReadConfig(try_autocache=False))
+  except (AssertionError, tf.errors.NotFoundError, OSError) as e:
+    raise DatasetNotPreparedError(
+        _not_prepared_message(info, data_dir, f'{type(e).__name__}: {e}')
+    ) from e
+
+  def convert(index, ex):
+    return {'index': index,
+            'image': _source_transform(info, ex['image']),
+            'label': tf.cast(ex['label'], tf.int32)}
+
+  ds = ds.enumerate(start=start).map(
+      convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def _make_preprocess_fn(info: DatasetInfo, kind: str, seed: int, stream: int):
+  def fn(ex, epoch):
+    x = preprocess_image(
+        ex['image'], kind, example_seed(seed, stream, epoch, ex['index']),
+        colour_transform=info.colour_transform, channels=info.shape[-1])
+    return tf.ensure_shape(x, info.shape)
+  return fn
+
+
+def _local_batch(global_batch: int, process_count: int) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f'Batch size {global_batch} must be a positive multiple '
+                     f'of process_count={process_count}.')
+  return global_batch // process_count
+
+
+def _cfg(section, key: str, default: Any) -> Any:
+  try:
+    value = section.get(key, default)
+  except AttributeError:
+    value = getattr(section, key, default)
+  return default if value is None and default is not None else value
+
+
+def _check_kind(kind: str) -> str:
+  if kind not in PREPROCESSING_KINDS:
+    raise ValueError(f'Unknown preprocessing {kind!r}; expected one of '
+                     f'{PREPROCESSING_KINDS}.')
+  return kind
+
+
+def _numpy_iterator(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  yield from ds.as_numpy_iterator()
+
+
+# ----------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------
+
+
+def steps_per_epoch(config, process_count: int = 1) -> int:
+  """Number of batches in one training epoch (identical on every host).
+
+  Each host reads `num_train // process_count` examples per epoch, in batches
+  of `config.train.batch_size // process_count`; the remainder is dropped.
+  """
+  info = get_dataset_info(config.data.name)
+  data_dir = _cfg(config.data, 'data_dir', None)
+  builder = _builder(info, data_dir)
+  _, n = _tfds_split(info, builder, 'train', data_dir)
+  local_batch = _local_batch(int(config.train.batch_size), process_count)
+  steps = (n // process_count) // local_batch
+  if steps == 0:
+    raise ValueError(f'{info.name} train has {n} examples, fewer than one '
+                     f'batch of {config.train.batch_size}.')
+  return steps
+
+
+def _block_shuffle(ds: tf.data.Dataset, block: int, seed: tf.Tensor
+                   ) -> tf.data.Dataset:
+  """Stateless shuffle of consecutive blocks of `block` examples."""
+  def shuffle_block(j, ex):
+    n = tf.shape(ex['index'])[0]
+    block_seed = tf.random.experimental.stateless_fold_in(seed, j)
+    perm = tf.random.experimental.stateless_shuffle(tf.range(n),
+                                                    seed=block_seed)
+    return tf.nest.map_structure(lambda t: tf.gather(t, perm), ex)
+  return ds.batch(block).enumerate().map(shuffle_block).unbatch()
+
+
+def create_train_iterator(config, *, seed: int | None = None,
+                          process_index: int = 0, process_count: int = 1,
+                          start_step: int = 0
+                          ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator of training batches for this host.
+
+  Args:
+    config: ConfigDict with `data.name`, `data.preprocessing`, `data.data_dir`
+      (None = TFDS default), `data.shuffle_buffer` (block size of the
+      stateless shuffle; 0/None or >= split size = full shuffle),
+      `train.batch_size` (global) and `seed`.
+    seed: data seed; defaults to `config.seed`.
+    process_index: this host's index.
+    process_count: number of hosts; each reads a disjoint slice of the split.
+    start_step: first global step to produce (for resuming).
+
+  Returns:
+    Iterator of dict(image=float32 [local_batch, H, W, C] in [0, 1],
+    label=int32 [local_batch]), local_batch = batch_size // process_count.
+    Batch i of the iterator is global step start_step + i; the sequence is the
+    same as an uninterrupted iterator's from that step on.
+  """
+  info = get_dataset_info(config.data.name)
+  kind = _check_kind(_cfg(config.data, 'preprocessing', info.preprocessing))
+  data_dir = _cfg(config.data, 'data_dir', None)
+  seed = int(config.seed if seed is None else seed)
+  local_batch = _local_batch(int(config.train.batch_size), process_count)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+
+  builder = _builder(info, data_dir)
+  tfds_split, n = _tfds_split(info, builder, 'train', data_dir)
+  spe = steps_per_epoch(config, process_count)
+  start, end = _host_range(n, process_index, process_count)
+  per_epoch = spe * local_batch
+  block = int(_cfg(config.data, 'shuffle_buffer', 0) or 0)
+  if block <= 0 or block >= end - start:
+    block = end - start
+
+  raw = _read(info, builder, tfds_split, start, end, data_dir).cache()
+  shuffle_key = tf.constant([seed, _SHUFFLE_STREAM], tf.int64)
+
+  def one_epoch(epoch):
+    key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+    key = tf.random.experimental.stateless_fold_in(key, process_index)
+    ds = _block_shuffle(raw, block, key).take(per_epoch)
+    return ds.map(lambda ex: (ex, epoch))
+
+  first_epoch, skip_steps = divmod(int(start_step), spe)
+  ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
+  ds = ds.skip(skip_steps * local_batch)
+  preprocess = _make_preprocess_fn(info, kind, seed, _TRAIN_STREAM)
+  ds = ds.map(lambda ex, epoch: {'image': preprocess(ex, epoch),
+                                 'label': ex['label']},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _numpy_iterator(ds)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+
+
+def create_eval_dataset(name: str, split: str, *, preprocessing: str,
+                        batch_size: int, seed: int,
+                        max_examples: int | None = None,
+                        data_dir: str | None = None, process_index: int = 0,
+                        process_count: int = 1,
+                        target_shape: Sequence[int] | None = None
+                        ) -> tuple[Iterator[dict[str, np.ndarray]], int]:
+  """Deterministic, padded evaluation batches for this host.
+
+  Takes the first `max_examples` examples of the split (file order, no
+  shuffling, as the reference), splits them into contiguous per-host slices,
+  and pads the end with zero images so that every batch -- and every host --
+  has the same static shape and number of batches.
+
+  Args:
+    name: dataset name (see `DATASETS`), e.g. 'mnist'.
+    split: 'train', 'test', 'validation' (the reference's meaning) or a TFDS
+      split name.
+    preprocessing: one of `PREPROCESSING_KINDS`.
+    batch_size: global batch size; each host yields batch_size //
+      process_count examples per batch.
+    seed: seed of the binarisation/dequantisation noise; the same seed gives
+      the same data, use a new seed for a fresh draw.
+    max_examples: cap on the number of examples (None = whole split).
+    data_dir: TFDS data_dir (None = TFDS default).
+    process_index, process_count: this host and the number of hosts.
+    target_shape: the model's (H, W, C); a mismatch raises ValueError.
+
+  Returns:
+    (iterator, num_examples): the iterator yields dict(image=float32
+    [local_batch, H, W, C], label=int32 (-1 for padding), mask=bool, True for
+    real examples); num_examples is the number of real examples on this host.
+  """
+  info = get_dataset_info(name)
+  kind = _check_kind(preprocessing)
+  if target_shape is not None:
+    check_image_shape(name, target_shape)
+  local_batch = _local_batch(int(batch_size), process_count)
+  builder = _builder(info, data_dir)
+  tfds_split, n = _tfds_split(info, builder, split, data_dir)
+  if max_examples is not None:
+    n = min(n, int(max_examples))
+  if n <= 0:
+    raise ValueError(f'No examples to evaluate in {name}:{split} '
+                     f'(max_examples={max_examples}).')
+  start, end = _host_range(n, process_index, process_count)
+  num_batches = math.ceil(math.ceil(n / process_count) / local_batch)
+  num_padding = num_batches * local_batch - (end - start)
+
+  preprocess = _make_preprocess_fn(info, kind, seed, _EVAL_STREAM)
+  ds = _read(info, builder, tfds_split, start, end, data_dir).map(
+      lambda ex: {'image': preprocess(ex, 0), 'label': ex['label'],
+                  'mask': tf.constant(True)},
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros(info.shape, tf.float32),
+      'label': tf.constant(-1, tf.int32),
+      'mask': tf.constant(False)}).repeat(num_padding)
+  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return _numpy_iterator(ds), end - start

@@ -1,0 +1,481 @@
+"""Training: data-parallel jit over a device mesh, paper schedules, orbax auto-resume, logging.
+
+`train_and_evaluate(config, workdir)` is the whole run. It is resumable at any point: the state (parameters,
+EMA, optimiser, step, skip counters, base PRNG key) is checkpointed with orbax; the data position is a function
+of the step (the input pipeline can start at any step) and per-step randomness is `fold_in(key, step)`, so a
+resumed run continues exactly the run it resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Iterator, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hvaeood import bounds
+from hvaeood import checkpoints as ckpt
+from hvaeood import datasets_info
+from hvaeood.models import build_model, init_params
+
+Array = jax.Array
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot continue (e.g. too many consecutive skipped updates); the message says why."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+  ema_params: Any  # None when EMA is off
+  skipped: Array  # total skipped updates
+  consecutive_skips: Array
+  rng: Array  # base PRNG key (raw uint32[2]); step t uses fold_in(rng, t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules (SPEC 3)
+
+
+def epoch_of_step(step, steps_per_epoch: int, continuous: bool):
+  """1-based epoch at the start of which beta and lambda step (discrete), or fractional epochs done (continuous)."""
+  if continuous:
+    return step / steps_per_epoch
+  return step // steps_per_epoch + 1
+
+
+def kl_beta(epoch, warmup_epochs: float):
+  """KL warm-up: beta = epoch / warmup (epoch 1 -> 0.005 for 200), 1 from epoch `warmup` on."""
+  if warmup_epochs <= 0:
+    return jnp.ones_like(jnp.asarray(epoch, jnp.float32))
+  return jnp.minimum(jnp.asarray(epoch, jnp.float32) / warmup_epochs, 1.0)
+
+
+def free_nats(epoch, lam: float, constant_epochs: float, anneal_epochs: float, continuous: bool):
+  """Free-nats lambda: constant for `constant_epochs`, then annealed linearly to 0 over `anneal_epochs`.
+
+  Discrete (reference): epochs C+1..C+A take linspace(lam, 0, A), so epoch C+1 -> lam and C+A -> 0.
+  Continuous: lam * (1 - (t - C) / A) for fractional epochs t in (C, C+A).
+  """
+  e = jnp.asarray(epoch, jnp.float32)
+  if continuous:
+    frac = jnp.clip((e - constant_epochs) / max(anneal_epochs, 1e-12), 0.0, 1.0)
+  else:
+    frac = jnp.clip((e - constant_epochs - 1.0) / max(anneal_epochs - 1.0, 1.0), 0.0, 1.0)
+    frac = jnp.where(e > constant_epochs + anneal_epochs, 1.0, frac)
+  return lam * (1.0 - frac)
+
+
+def schedule_values(step, config: ml_collections.ConfigDict, steps_per_epoch: int):
+  s = config.schedule
+  epoch = epoch_of_step(step, steps_per_epoch, s.continuous)
+  return (kl_beta(epoch, s.warmup_epochs),
+          free_nats(epoch, s.free_nats, s.free_nats_constant_epochs, s.free_nats_anneal_epochs, s.continuous))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optim
+  return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+def model_for_config(config: ml_collections.ConfigDict) -> nn.Module:
+  return build_model(config.model, datasets_info.image_shape(config.data.name))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, init_batch) -> TrainState:
+  """Fresh state: data-dependent init of the model on a real batch."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  params = init_params(model, init_rng, jnp.asarray(init_batch))
+  opt_state = make_optimizer(config).init(params)
+  ema = jax.tree_util.tree_map(jnp.copy, params) if config.optim.ema_decay > 0 else None
+  zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
+  return TrainState(zero(), params, opt_state, ema, zero(), zero(), train_rng)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, sharding=None) -> TrainState:
+  """The state's shapes and dtypes (no data needed), optionally with a sharding for every leaf."""
+  model = model_for_config(config)
+  batch = jax.ShapeDtypeStruct((2,) + tuple(model.spec.image_shape), jnp.float32)
+  abstract = jax.eval_shape(functools.partial(create_train_state, config, model), batch)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int):
+  """The jitted-to-be training step: (state, images) -> (state, metrics)."""
+  tx = make_optimizer(config)
+  o = config.optim
+  granularity = config.schedule.free_nats_granularity
+  num_layers = model.spec.num_layers
+
+  def step_fn(state: TrainState, images: Array):
+    beta, lam = schedule_values(state.step, config, steps_per_epoch)
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, images, 0, rngs={"sample": rng})
+      loss, elbo = bounds.training_loss(out, beta, lam, granularity)
+      return loss, out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    if o.skip_threshold > 0:
+      ok = ok & (gnorm < o.skip_threshold)
+    if o.grad_clip > 0:
+      scale = jnp.minimum(1.0, o.grad_clip / (gnorm + 1e-12))
+      grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    # Zero non-finite gradients so that the (discarded) candidate update stays finite.
+    grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    params = keep(new_params, state.params)
+    opt_state = keep(new_opt, state.opt_state)
+    ema = state.ema_params
+    if ema is not None:
+      d = o.ema_decay
+      ema = keep(jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema, new_params), ema)
+    skipped = (~ok).astype(jnp.int32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                              skipped=state.skipped + skipped,
+                              consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1))
+    elbo = out.elbo[0]
+    metrics = {
+        "loss": loss, "elbo": jnp.mean(elbo), "log_px": jnp.mean(out.log_px[0]),
+        "kl": jnp.mean(sum(out.kl)[0]), "beta": beta, "free_nats": lam, "grad_norm": gnorm,
+        "skipped_update": skipped, "skipped_total": new_state.skipped,
+        "consecutive_skips": new_state.consecutive_skips,
+        "param_norm": optax.global_norm(state.params),
+    }
+    for i in range(num_layers):
+      metrics[f"kl_z{i + 1}"] = jnp.mean(out.kl[i][0])
+    return new_state, metrics
+
+  return step_fn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mesh and data placement
+
+
+def make_mesh() -> Mesh:
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if global_batch % n:
+    raise ValueError(f"The global batch size {global_batch} does not divide over {n} devices; set "
+                     f"--config.train.batch_size to a multiple of {n}.")
+  if global_batch % jax.process_count():
+    raise ValueError(f"The global batch size {global_batch} does not divide over {jax.process_count()} "
+                     "processes.")
+
+
+def to_global(local_batch: np.ndarray, sharding: NamedSharding) -> Array:
+  return jax.make_array_from_process_local_data(sharding, local_batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation during training
+
+
+def evaluate_model(model: nn.Module, params, config: ml_collections.ConfigDict, mesh: Mesh, rng: Array,
+                   datasets: list[str]) -> dict[str, dict[str, np.ndarray]]:
+  """Single-sample ELBO and every L^{>k} for the test split of each dataset (per-example arrays)."""
+  from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+  ks = tuple(range(model.spec.num_layers))
+  sharding = NamedSharding(mesh, P("data"))
+  fn = jax.jit(functools.partial(bounds.compute_bounds, model, ks=ks), out_shardings=None)
+  results = {}
+  for name in datasets:
+    it, _ = input_pipeline.create_eval_dataset(
+        name, "test", preprocessing=datasets_info.eval_preprocessing(config, name),
+        batch_size=config.eval.batch_size // jax.process_count(), seed=config.seed,
+        max_examples=config.eval.max_examples, data_dir=config.data.data_dir,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        target_shape=model.spec.image_shape)
+    cols = {"elbo": [], "lk": [], "log_px": [], "kl": []}
+    for i, batch in enumerate(it):
+      x = to_global(batch["image"], sharding)
+      b = fn(params, x, jax.random.fold_in(rng, i))
+      mask = np.asarray(jax.experimental.multihost_utils.process_allgather(batch["mask"], tiled=True)) \
+          if jax.process_count() > 1 else batch["mask"]
+      cols["elbo"].append(np.asarray(b.elbo)[mask])
+      cols["lk"].append(np.asarray(b.lk)[:, mask])
+      cols["log_px"].append(np.asarray(b.log_px)[mask])
+      cols["kl"].append(np.asarray(b.kl)[:, mask])
+    results[name] = {"elbo": np.concatenate(cols["elbo"]), "lk": np.concatenate(cols["lk"], axis=1),
+                     "log_px": np.concatenate(cols["log_px"]), "kl": np.concatenate(cols["kl"], axis=1)}
+  return results
+
+
+def eval_summary(results: dict, in_name: str, num_dims: int) -> dict[str, float]:
+  """Scalar validation metrics: ELBO, bits/dim, every L^{>k}, and AUROC of -L^{>k} and LLR^{>k} per OOD set."""
+  from hvaeood import ood_metrics  # pylint: disable=import-outside-toplevel
+  r = results[in_name]
+  out = {"eval_elbo": float(np.mean(r["elbo"])),
+         "eval_bits_per_dim": float(bounds.bits_per_dim(np.mean(r["elbo"]), num_dims)),
+         "eval_log_px": float(np.mean(r["log_px"]))}
+  for i, kl in enumerate(r["kl"]):
+    out[f"eval_kl_z{i + 1}"] = float(np.mean(kl))
+  for k, lk in enumerate(r["lk"]):
+    out[f"eval_L>{k}"] = float(np.mean(lk))
+  for name, o in results.items():
+    if name == in_name:
+      continue
+    for k in range(1, r["lk"].shape[0]):
+      for score, f in (("LLR", lambda d: d["elbo"] - d["lk"][k]), ("L", lambda d: -d["lk"][k])):
+        idx_in, idx_ood = ood_metrics.subsample_to_equal(len(r["elbo"]), len(o["elbo"]), 0)
+        s_in, s_ood = f(r)[idx_in], f(o)[idx_ood]
+        labels = np.r_[np.zeros(len(s_in)), np.ones(len(s_ood))]
+        out[f"eval_auroc_{score}>{k}_{name}"] = float(ood_metrics.auroc(labels, np.r_[s_in, s_ood]))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag polled by the loop, which then checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading_is_main():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def threading_is_main() -> bool:
+  import threading  # pylint: disable=import-outside-toplevel
+  return threading.current_thread() is threading.main_thread()
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  return config.train.num_steps if config.train.num_steps > 0 else config.schedule.epochs * steps_per_epoch
+
+
+def _config_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(sort_keys=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the workdir's latest good checkpoint) and evaluates periodically.
+
+  Returns:
+    A summary dict: final step, last training metrics, last evaluation metrics, images/sec, stop reason.
+  """
+  from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+  from hvaeood import logging_utils  # pylint: disable=import-outside-toplevel
+
+  if config.train.distributed:
+    jax.distributed.initialize()
+  datasets_info.validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  lock = ckpt.WorkdirLock(workdir)
+  if is_main:
+    lock.acquire()
+  try:
+    return _run(config, workdir, is_main, input_pipeline, logging_utils)
+  finally:
+    if is_main:
+      lock.release()
+
+
+def _run(config, workdir, is_main, input_pipeline, logging_utils):
+  mesh = make_mesh()
+  check_batch(config.train.batch_size, mesh)
+  model = model_for_config(config)
+  num_dims = math.prod(model.spec.image_shape)
+  spe = input_pipeline.steps_per_epoch(config, jax.process_count())
+  num_steps = total_steps(config, spe)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  if is_main:
+    _write_config(workdir, config)
+  manager = ckpt.make_manager(os.path.join(workdir, ckpt.CHECKPOINT_DIR), keep=config.checkpoint.keep)
+  best_manager = ckpt.make_manager(os.path.join(workdir, ckpt.BEST_DIR), keep=1)
+  abstract = abstract_train_state(config, replicated)
+  restored = ckpt.restore_latest_good(manager, abstract)
+  if restored is not None:
+    start_step, state, meta = restored
+    if meta.get("config") is not None and _model_section(meta["config"]) != _model_section(_config_json(config)):
+      raise ckpt.CheckpointError(
+          f"The checkpoint in {workdir} was trained with a different model config than the one given. Use the "
+          "same config to resume, or a new --workdir.")
+    elapsed = float(meta.get("train_seconds", 0.0))
+    best_elbo = meta.get("best_eval_elbo")
+    logging.info("Resumed from step %d of %s.", start_step, workdir)
+  else:
+    init_it = input_pipeline.create_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
+                                                   process_count=jax.process_count(), start_step=0)
+    first = next(iter(init_it))["image"]
+    state = jax.jit(functools.partial(create_train_state, config, model), out_shardings=replicated)(
+        jnp.asarray(first))
+    start_step, elapsed, best_elbo = 0, 0.0, None
+    del init_it
+
+  train_step = jax.jit(make_train_step(config, model, spe), in_shardings=(replicated, batch_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  writer = logging_utils.MetricWriter(workdir, enabled=is_main)
+  data = input_pipeline.create_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
+                                              process_count=jax.process_count(), start_step=start_step)
+  eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else \
+      max(1, int(round(config.eval.every_epochs * spe)))
+  budget_s = config.train.time_budget_minutes * 60.0
+  eval_sets = [config.data.name] + [d for d in config.eval.ood_datasets if d != config.data.name]
+  eval_sets = [d for d in eval_sets if datasets_info.is_available(d, config.data.data_dir) or d == config.data.name]
+
+  def meta(step):
+    return {"format_version": ckpt.FORMAT_VERSION, "config": _config_json(config), "step": int(step),
+            "train_seconds": elapsed, "best_eval_elbo": best_elbo, "steps_per_epoch": spe}
+
+  def save(step, st):
+    ckpt.save(manager, step, st, meta(step))
+
+  last_ckpt_time = time.time()
+  last_log_time, last_log_step = time.time(), start_step
+  last_metrics, last_eval, stop_reason = {}, {}, "completed"
+  prev_consec = None
+  step = start_step
+  images_per_step = config.train.batch_size
+  with _Preemption() as preempt:
+    data_iter = iter(data)
+    while step < num_steps:
+      t0 = time.time()
+      batch = next(data_iter)
+      x = to_global(batch["image"], batch_sharding)
+      state, metrics = train_step(state, x)
+      step += 1
+      # Read the previous step's skip counter: this step keeps running while we look.
+      if prev_consec is not None and int(prev_consec) >= config.optim.max_consecutive_skips:
+        save(step, state)
+        manager.wait_until_finished()
+        raise TrainingError(
+            f"{int(prev_consec)} consecutive updates were skipped (non-finite or over-threshold gradients) at "
+            f"step {step}; the run stopped. Lower --config.optim.lr, enable --config.optim.grad_clip, or check "
+            "the data for NaNs. The last checkpoint holds the last good parameters.")
+      prev_consec = metrics["consecutive_skips"]
+      elapsed += time.time() - t0
+
+      if step % config.train.log_every_steps == 0 or step == num_steps:
+        m = jax.device_get(metrics)
+        now = time.time()
+        ips = (step - last_log_step) * images_per_step / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, step
+        last_metrics = {f"train_{k}": float(v) for k, v in m.items()}
+        last_metrics["train_images_per_sec"] = ips
+        writer.write_scalars(step, last_metrics)
+        if is_main:
+          remaining = num_steps - step
+          if budget_s > 0:
+            remaining = min(remaining, int(max(budget_s - elapsed, 0) / max(elapsed / max(step - start_step, 1), 1e-9)))
+          eta = remaining * images_per_step / max(ips, 1e-9)
+          logging.info("step %d/%d  loss %.2f  elbo %.2f  beta %.3f  fn %.2f  gnorm %.1f  skipped %d  "
+                       "%.1f img/s (%.2f steps/s)  eta %s", step, num_steps, m["loss"], m["elbo"], m["beta"],
+                       m["free_nats"], m["grad_norm"], m["skipped_total"], ips, ips / images_per_step,
+                       _fmt_time(eta))
+
+      out_of_time = budget_s > 0 and elapsed >= budget_s
+      done = step >= num_steps or out_of_time or preempt.requested
+      if step % eval_every == 0 or (done and not preempt.requested):
+        last_eval = _evaluate_and_log(model, state, config, mesh, eval_sets, step, num_dims, writer, workdir)
+        if last_eval and (best_elbo is None or last_eval["eval_elbo"] > best_elbo):
+          best_elbo = last_eval["eval_elbo"]
+          ckpt.save(best_manager, step, state, meta(step))
+      if (step % config.checkpoint.every_steps == 0 or done or
+          (config.checkpoint.every_minutes > 0 and time.time() - last_ckpt_time > 60 * config.checkpoint.every_minutes)):
+        save(step, state)
+        last_ckpt_time = time.time()
+      if preempt.requested:
+        stop_reason = "preempted (SIGTERM): checkpoint saved"
+        break
+      if out_of_time:
+        stop_reason = f"time budget of {config.train.time_budget_minutes:g} min reached"
+        break
+  manager.wait_until_finished()
+  best_manager.wait_until_finished()
+  writer.flush()
+  summary = {"step": step, "train_seconds": elapsed, "stop_reason": stop_reason, **last_metrics, **last_eval}
+  if is_main:
+    with open(os.path.join(workdir, "summary.json.tmp"), "w") as f:
+      json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(os.path.join(workdir, "summary.json.tmp"), os.path.join(workdir, "summary.json"))
+    logging.info("Stopped at step %d: %s.", step, stop_reason)
+  return summary
+
+
+def _evaluate_and_log(model, state, config, mesh, eval_sets, step, num_dims, writer, workdir):
+  from hvaeood import plots  # pylint: disable=import-outside-toplevel
+  params = state.ema_params if state.ema_params is not None else state.params
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
+  results = evaluate_model(model, params, config, mesh, rng, eval_sets)
+  summary = eval_summary(results, config.data.name, num_dims)
+  writer.write_scalars(step, summary)
+  if jax.process_index() == 0:
+    logging.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    n = config.eval.num_samples
+    mean, sample = jax.jit(lambda p, r: model.apply({"params": p}, n, method=model.generate, rngs={"sample": r}))(
+        params, rng)
+    imgdir = os.path.join(workdir, "images")
+    plots.save_image_grid(np.asarray(mean), os.path.join(imgdir, f"samples_{step:08d}.png"))
+    writer.write_images(step, {"samples": np.asarray(mean)})
+  return summary
+
+
+def _model_section(config_json: str) -> str:
+  return json.dumps(json.loads(config_json).get("model"), sort_keys=True)
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  path = os.path.join(workdir, ckpt.CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    f.write(_config_json(config))
+  os.replace(path + ".tmp", path)
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,412 @@
+"""Tests for hvaeood.layers: TF-SAME sizes, weight-normed convs against float64 numpy, data-dependent init,
+and the residual block's paths (SPEC 1.2, 1.3).
+
+Every numeric reference here is an independent float64 numpy computation (explicit shifted-slice
+convolutions, scattering transposed convolutions, windowed sums); library outputs are float32.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hvaeood import layers
+from hvaeood.layers import ResBlock, WNConv, WNDense
+
+RTOL = 1e-4
+ATOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# numpy float64 references
+
+
+def _np_weight(params):
+  """w = g * v / ||v||, the norm per output unit (last axis) over every other axis."""
+  v = np.asarray(params["v"], np.float64)
+  g = np.asarray(params["g"], np.float64)
+  norm = np.sqrt(np.sum(v ** 2, axis=tuple(range(v.ndim - 1))))
+  return g * v / norm, np.asarray(params["b"], np.float64)
+
+
+def _tf_same_pads(n, k, s):
+  out = math.ceil(n / s)
+  total = max((out - 1) * s + k - n, 0)
+  return total // 2, total - total // 2
+
+
+def _np_conv_same(x, w, b, s):
+  """Cross-correlation (TF/XLA convention), TF 'SAME' zero padding (odd extra pixel at the end)."""
+  x = np.asarray(x, np.float64)
+  n, h, wd, _ = x.shape
+  k = w.shape[0]
+  ph, pw = _tf_same_pads(h, k, s), _tf_same_pads(wd, k, s)
+  xp = np.pad(x, ((0, 0), ph, pw, (0, 0)))
+  ho, wo = math.ceil(h / s), math.ceil(wd / s)
+  out = np.zeros((n, ho, wo, w.shape[-1]))
+  for di in range(k):
+    for dj in range(k):
+      patch = xp[:, di:di + s * (ho - 1) + 1:s, dj:dj + s * (wo - 1) + 1:s, :]
+      out += np.einsum("nhwc,cd->nhwd", patch, w[di, dj])
+  return out + b
+
+
+def _np_conv_transpose_full(x, w, s, flip):
+  """Unpadded transposed conv by scattering: out[i*s + d] += x[i] * w[d]; size (in-1)s + k."""
+  x = np.asarray(x, np.float64)
+  n, h, wd, _ = x.shape
+  k = w.shape[0]
+  wk = w[::-1, ::-1] if flip else w
+  out = np.zeros((n, (h - 1) * s + k, (wd - 1) * s + k, w.shape[-1]))
+  for i in range(h):
+    for j in range(wd):
+      out[:, i * s:i * s + k, j * s:j * s + k, :] += np.einsum("nc,abcd->nabd", x[:, i, j, :], wk)
+  return out
+
+
+def _crop(full, lo, hi):
+  H, W = full.shape[1], full.shape[2]
+  return full[:, lo:H - hi, lo:W - hi, :]
+
+
+def _np_avg_pool_3x3(x, s):
+  """3x3 window, stride s, zero padding 1 at bottom/right only, divisor always 9 (SPEC 1.2)."""
+  x = np.asarray(x, np.float64)
+  n, h, w, c = x.shape
+  xp = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+  ho, wo = math.ceil(h / s), math.ceil(w / s)
+  out = np.zeros((n, ho, wo, c))
+  for i in range(ho):
+    for j in range(wo):
+      out[:, i, j, :] = xp[:, i * s:i * s + 3, j * s:j * s + 3, :].sum(axis=(1, 2)) / 9.0
+  return out
+
+
+def _relu(x):
+  return np.maximum(np.asarray(x, np.float64), 0.0)
+
+
+def _init(module, x, *args, seed=0):
+  return module.init(jax.random.key(seed), x, *args)["params"]
+
+
+def _apply(module, params, x, *args):
+  return np.asarray(module.apply({"params": params}, x, *args), np.float64)
+
+
+def _randn(seed, shape, loc=0.0, scale=1.0):
+  return (loc + scale * np.random.RandomState(seed).randn(*shape)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SAME / transposed sizes and pads
+
+
+def test_pad_helpers_known_values():
+  assert layers.same_pads(28, 3, 2) == (0, 1)
+  assert layers.same_pads(28, 5, 2) == (1, 2)
+  assert layers.same_pads(7, 3, 2) == (1, 1)
+  assert layers.same_pads(14, 3, 1) == (1, 1)
+  assert layers.same_pads(14, 5, 1) == (2, 2)
+  assert layers.same_pads(8, 1, 1) == (0, 0)
+  assert layers.transpose_pads(3, 2) == (2, 1)
+  assert layers.transpose_pads(5, 2) == (3, 2)
+
+
+@pytest.mark.parametrize("size,k,s,expected", [
+    (28, 3, 2, 14), (28, 5, 2, 14), (7, 3, 2, 4), (7, 5, 2, 4), (14, 3, 2, 7), (14, 5, 2, 7),
+    (28, 5, 1, 28), (7, 3, 1, 7), (14, 1, 1, 14), (9, 3, 3, 3)])
+def test_same_conv_output_size(size, k, s, expected):
+  x = jnp.zeros((1, size, size + 1, 2))
+  y, _ = WNConv(3, k, s).init_with_output(jax.random.key(0), x)
+  assert y.shape == (1, expected, math.ceil((size + 1) / s), 3)
+
+
+@pytest.mark.parametrize("size,k,s", [(7, 3, 2), (7, 5, 2), (14, 3, 2), (14, 5, 2), (4, 3, 2), (16, 5, 2)])
+def test_transposed_conv_output_size(size, k, s):
+  x = jnp.zeros((2, size, size, 3))
+  y, _ = WNConv(4, k, s, transpose=True).init_with_output(jax.random.key(0), x)
+  assert y.shape == (2, s * size, s * size, 4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# forward passes against numpy
+
+
+@pytest.mark.parametrize("h,w,k,s", [(7, 6, 3, 2), (8, 8, 5, 2), (6, 5, 3, 1), (5, 5, 5, 1), (6, 6, 1, 1),
+                                     (9, 7, 3, 3)])
+def test_wnconv_forward_matches_numpy(h, w, k, s):
+  x_init = _randn(0, (3, h, w, 4))
+  x = _randn(1, (2, h, w, 4), loc=0.5, scale=2.0)  # evaluate on a different batch than the init batch
+  conv = WNConv(5, k, s)
+  params = _init(conv, x_init)
+  assert params["v"].shape == (k, k, 4, 5)
+  got = _apply(conv, params, x)
+  wt, b = _np_weight(params)
+  want = _np_conv_same(x, wt, b, s)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_wnconv_weight_norm_is_per_output_channel():
+  """Scaling v of one output channel leaves the output unchanged; scaling g scales that channel only."""
+  x = _randn(2, (2, 6, 6, 3))
+  conv = WNConv(4, 3, 1)
+  params = _init(conv, x)
+  base = _apply(conv, params, x)
+  v = np.array(params["v"])
+  v[..., 1] *= 7.0
+  got = _apply(conv, {**params, "v": jnp.asarray(v)}, x)
+  np.testing.assert_allclose(got, base, rtol=RTOL, atol=ATOL)
+  g = np.array(params["g"])
+  g[2] *= 3.0
+  got = _apply(conv, {**params, "g": jnp.asarray(g)}, x)
+  b = np.asarray(params["b"], np.float64)
+  want = base.copy()
+  want[..., 2] = 3.0 * (base[..., 2] - b[2]) + b[2]
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("h,w,k,s", [(4, 4, 3, 2), (5, 3, 3, 2), (4, 4, 5, 2), (3, 5, 5, 2), (3, 3, 4, 2)])
+def test_transposed_conv_matches_numpy_crop(h, w, k, s):
+  """Unpadded transposed conv (out (in-1)s+k) cropped floor((k-s)/2) at the start and ceil at the end.
+
+  lax.conv_transpose (transpose_kernel=False) equals the scatter with the *spatially flipped* kernel, which
+  SPEC 1.2 allows (flipping is irrelevant when training from scratch); the crop offsets must be exact.
+  """
+  x_init = _randn(3, (2, h, w, 3))
+  x = _randn(4, (2, h, w, 3), loc=-0.3, scale=1.5)
+  conv = WNConv(2, k, s, transpose=True)
+  params = _init(conv, x_init)
+  assert params["v"].shape == (k, k, 3, 2)
+  got = _apply(conv, params, x)
+  wt, b = _np_weight(params)
+  lo = (k - s) // 2
+  hi = (k - s) - lo
+  assert lo + hi == k - s
+  want = _crop(_np_conv_transpose_full(x, wt, s, flip=True), lo, hi) + b
+  assert got.shape == want.shape == (2, s * h, s * w, 2)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  # The other kernel convention does not match (so the assertion above pins the convention) ...
+  unflipped = _crop(_np_conv_transpose_full(x, wt, s, flip=False), lo, hi) + b
+  assert np.max(np.abs(got - unflipped)) > 1e-2
+  # ... and neither does the swapped crop when k - s is odd.
+  if lo != hi:
+    swapped = _crop(_np_conv_transpose_full(x, wt, s, flip=True), hi, lo) + b
+    assert np.max(np.abs(got - swapped)) > 1e-2
+
+
+def test_wndense_forward_matches_numpy():
+  x_init = _randn(5, (6, 7))
+  x = _randn(6, (4, 7), loc=1.0, scale=0.5)
+  dense = WNDense(3)
+  params = _init(dense, x_init)
+  assert params["v"].shape == (7, 3)
+  wt, b = _np_weight(params)
+  np.testing.assert_allclose(_apply(dense, params, x), x.astype(np.float64) @ wt + b, rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data-dependent initialisation
+
+
+@pytest.mark.parametrize("module,shape", [
+    (WNConv(5, 3, 1), (2, 3, 3, 4)),          # N = 18 positions per channel: unbiased/biased differ by 6%
+    (WNConv(6, 5, 2), (3, 6, 5, 2)),
+    (WNConv(4, 3, 2, transpose=True), (2, 2, 3, 3)),
+    (WNConv(3, 1, 1), (2, 2, 2, 5)),
+    (WNDense(7), (5, 9)),                     # N = 5: biased variance would be 0.8
+])
+def test_data_dependent_init_gives_zero_mean_unit_unbiased_variance(module, shape):
+  x = _randn(7, shape, loc=2.0, scale=3.0)
+  params = _init(module, x)
+  y = _apply(module, params, x)
+  axes = tuple(range(y.ndim - 1))
+  np.testing.assert_allclose(y.mean(axis=axes), 0.0, atol=1e-4)
+  np.testing.assert_allclose(y.var(axis=axes, ddof=1), 1.0, rtol=1e-4)
+  # and g, b are exactly the data-dependent values: g = 1/sqrt(var_unbiased(t)), b = -mean(t) g with
+  # t the pre-activation of the normalised direction.
+  v = np.asarray(params["v"], np.float64)
+  vn = v / np.sqrt(np.sum(v ** 2, axis=tuple(range(v.ndim - 1))))
+  if isinstance(module, WNDense):
+    t = x.astype(np.float64) @ vn
+  elif module.transpose:
+    k, s = module.kernel_size, module.stride
+    t = _crop(_np_conv_transpose_full(x, vn, s, flip=True), (k - s) // 2, (k - s) - (k - s) // 2)
+  else:
+    t = _np_conv_same(x, vn, 0.0, module.stride)
+  g_want = 1.0 / np.sqrt(t.var(axis=axes, ddof=1) + 1e-8)
+  np.testing.assert_allclose(np.asarray(params["g"]), g_want, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(params["b"]), -t.mean(axis=axes) * g_want, rtol=1e-4, atol=1e-4)
+
+
+def test_init_constant_output_keeps_g_one():
+  """Zero-variance pre-activations give g = 1 (not 1/sqrt(1e-8) = 1e4) and b = -mean."""
+  # Dense on a batch of identical rows: every output unit is constant over the batch.
+  row = _randn(8, (1, 6))
+  x = np.repeat(row, 4, axis=0)
+  params = _init(WNDense(3), x)
+  np.testing.assert_array_equal(np.asarray(params["g"]), np.ones(3, np.float32))
+  v = np.asarray(params["v"], np.float64)
+  t = row.astype(np.float64) @ (v / np.linalg.norm(v, axis=0))
+  np.testing.assert_allclose(np.asarray(params["b"]), -t[0], rtol=1e-5, atol=1e-6)
+  # 1x1 conv on a constant input: constant output per channel.
+  params = _init(WNConv(4, 1), np.full((2, 3, 3, 2), 3.0, np.float32))
+  np.testing.assert_array_equal(np.asarray(params["g"]), np.ones(4, np.float32))
+  # 3x3 conv on zeros: zero output.
+  params = _init(WNConv(4, 3), np.zeros((2, 5, 5, 2), np.float32))
+  np.testing.assert_array_equal(np.asarray(params["g"]), np.ones(4, np.float32))
+  np.testing.assert_array_equal(np.asarray(params["b"]), np.zeros(4, np.float32))
+
+
+def test_init_mixed_constant_channel(monkeypatch):
+  """A dense unit that only reads a constant input feature has zero variance -> g = 1, b = -mean; the other
+  unit is normalised as usual."""
+  x = _randn(9, (6, 3), scale=2.0)
+  x[:, 0] = 1.5  # constant feature
+  v = _randn(21, (3, 2))
+  v[1:, 0] = 0.0  # unit 0 reads only the constant feature
+  monkeypatch.setattr(layers, "kaiming_normal", lambda axes: (lambda key, shape, dtype=jnp.float32: jnp.asarray(v)))
+  params = _init(WNDense(2), x)
+  np.testing.assert_array_equal(np.asarray(params["v"]), v)
+  g = np.asarray(params["g"])
+  assert g[0] == 1.0
+  np.testing.assert_allclose(float(params["b"][0]), -1.5 * np.sign(v[0, 0]), rtol=1e-6)
+  y = _apply(WNDense(2), params, x)
+  np.testing.assert_allclose(y[:, 0], 0.0, atol=1e-5)
+  assert abs(y[:, 1].var(ddof=1) - 1.0) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# residual block
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (14, 14), (6, 10), (4, 4)])
+def test_avg_pool_residual_matches_numpy(h, w):
+  x = _randn(10, (2, h, w, 3), loc=1.0)
+  got = np.asarray(layers.avg_pool_residual(jnp.asarray(x), 2), np.float64)
+  want = _np_avg_pool_3x3(x, 2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The bottom-right output averages 4 real pixels with divisor 9 (padding counted).
+  np.testing.assert_allclose(got[:, -1, -1, :], x[:, -2:, -2:, :].sum(axis=(1, 2)) / 9.0, rtol=1e-5, atol=1e-6)
+
+
+def test_match_channels_pads_and_truncates():
+  x = _randn(11, (2, 3, 3, 4))
+  padded = np.asarray(layers.match_channels(jnp.asarray(x), 6))
+  np.testing.assert_array_equal(padded[..., :4], x)
+  np.testing.assert_array_equal(padded[..., 4:], 0.0)
+  np.testing.assert_array_equal(np.asarray(layers.match_channels(jnp.asarray(x), 3)), x[..., :3])
+  np.testing.assert_array_equal(np.asarray(layers.match_channels(jnp.asarray(x), 4)), x)
+
+
+def _sub(params, name, x, features, k, s=1, transpose=False):
+  return _apply(WNConv(features, k, s, transpose=transpose), params[name], x)
+
+
+def _pad_or_truncate(x, c):
+  x = np.asarray(x, np.float64)
+  if x.shape[-1] >= c:
+    return x[..., :c]
+  return np.concatenate([x, np.zeros(x.shape[:-1] + (c - x.shape[-1],))], axis=-1)
+
+
+@pytest.mark.parametrize("cin,c,k,s,h", [
+    (4, 6, 3, 2, 8),    # downsampling, channel zero-padding
+    (6, 4, 5, 2, 8),    # downsampling, channel truncation
+    (3, 5, 3, 1, 5),    # stride 1, padding
+    (5, 3, 3, 1, 5),    # stride 1, truncation
+    (4, 4, 3, 2, 14),
+])
+def test_resblock_residual_path(cin, c, k, s, h):
+  x = _randn(12, (2, h, h, cin))
+  block = ResBlock(c, k, s, residual=True)
+  params = _init(block, x)
+  assert set(params) == {"conv1", "conv2"}
+  got = _apply(block, params, x)
+  y = _relu(_sub(params, "conv1", _relu(x), c, k))
+  y = _sub(params, "conv2", y, c, k, s)
+  r = _np_avg_pool_3x3(x, s) if s > 1 else np.asarray(x, np.float64)
+  want = y + _pad_or_truncate(r, c)
+  assert got.shape == (2, math.ceil(h / s), math.ceil(h / s), c)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_resblock_non_residual_has_no_preactivation_and_no_skip():
+  x = _randn(13, (2, 6, 6, 3))  # has negative entries, so a pre-ReLU would change the result
+  block = ResBlock(3, 3, 1, residual=False)
+  params = _init(block, x)
+  got = _apply(block, params, x)
+  want = _sub(params, "conv2", _relu(_sub(params, "conv1", x, 3, 3)), 3, 3)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_resblock_decoder_upsampling_has_no_residual(k):
+  x = _randn(14, (2, 4, 4, 4))
+  block = ResBlock(4, k, 2, residual=True, upsample=True)
+  params = _init(block, x)
+  got = _apply(block, params, x)
+  assert got.shape == (2, 8, 8, 4)
+  assert params["conv2"]["v"].shape == (k, k, 4, 4)
+  y = _relu(_sub(params, "conv1", _relu(x), 4, k))
+  want = _sub(params, "conv2", y, 4, k, 2, transpose=True)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_resblock_decoder_stride1_is_ordinary_conv_with_residual():
+  x = _randn(15, (2, 5, 5, 4))
+  block = ResBlock(4, 3, 1, residual=True, upsample=True)
+  params = _init(block, x)
+  got = _apply(block, params, x)
+  want = _sub(params, "conv2", _relu(_sub(params, "conv1", _relu(x), 4, 3)), 4, 3) + x
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_resblock_aux_dropped_when_shapes_match():
+  x = _randn(16, (2, 6, 6, 4))
+  aux1 = _randn(17, (2, 6, 6, 4))
+  aux2 = _randn(18, (2, 6, 6, 4), loc=2.0)
+  block = ResBlock(4, 3, 1)
+  params = _init(block, x, aux1)
+  assert "aux" not in params
+  out1 = _apply(block, params, x, aux1)
+  out2 = _apply(block, params, x, aux2)
+  out0 = _apply(block, params, x)
+  np.testing.assert_array_equal(out1, out2)
+  np.testing.assert_array_equal(out1, out0)
+
+
+def test_resblock_aux_identity_add_when_shapes_match():
+  x = _randn(16, (2, 6, 6, 4))
+  aux1 = _randn(17, (2, 6, 6, 4))
+  aux2 = _randn(18, (2, 6, 6, 4), loc=2.0)
+  block = ResBlock(4, 3, 1, aux_identity_add=True)
+  params = _init(block, x, aux1)
+  assert "aux" not in params
+  out1 = _apply(block, params, x, aux1)
+  out2 = _apply(block, params, x, aux2)
+  assert np.max(np.abs(out1 - out2)) > 1e-2
+  y = _sub(params, "conv1", _relu(x), 4, 3) + _relu(aux2)
+  want = _sub(params, "conv2", _relu(y), 4, 3) + x
+  np.testing.assert_allclose(out2, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("aux_shape,aux_k,aux_s,transpose", [
+    ((2, 3, 3, 4), 3, 2, True),     # smaller: transposed conv, stride = ratio
+    ((2, 12, 12, 4), 3, 2, False),  # larger: strided conv
+    ((2, 6, 6, 7), 1, 1, False),    # channels only: 1x1 conv
+])
+def test_resblock_aux_ops(aux_shape, aux_k, aux_s, transpose):
+  x = _randn(19, (2, 6, 6, 4))
+  aux = _randn(20, aux_shape)
+  block = ResBlock(4, 3, 1)
+  params = _init(block, x, aux)
+  assert params["aux"]["v"].shape == (aux_k, aux_k, aux_shape[-1], 4)
+  got = _apply(block, params, x, aux)
+  y = _sub(params, "conv1", _relu(x), 4, 3) + _sub(params, "aux", _relu(aux), 4, aux_k, aux_s, transpose)
+  want = _sub(params, "conv2", _relu(y), 4, 3) + x
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  other = _apply(block, params, x, aux + 1.0)
+  assert np.max(np.abs(other - got)) > 1e-2
