@@ -25,5 +25,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO)
+  from hvaeood.logging_utils import quiet_library_logs  # pylint: disable=g-import-not-at-top
+  quiet_library_logs()
   app.run(main)

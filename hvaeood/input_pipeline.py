@@ -146,7 +146,8 @@ DATASETS: dict[str, DatasetInfo] = {
         'dequantize', colour_transform='luminance'),
 }
 
-ALIASES = {'svhn': 'svhn_cropped'}
+ALIASES = {'svhn': 'svhn_cropped', 'fmnist': 'fashion_mnist',
+           'cifar10_gray': 'cifar10_grey'}
 
 _IDX_IMPORTABLE = ('mnist', 'fashion_mnist', 'kmnist')
 
@@ -201,11 +202,16 @@ def check_image_shape(name: str, target_shape: Sequence[int]) -> None:
 # ----------------------------------------------------------------------------
 
 
-def example_seed(seed: Any, stream: int, epoch: Any, index: Any) -> tf.Tensor:
-  """Stateless-RNG seed (int64 [2]) for one example in one epoch."""
+def epoch_key(seed: Any, stream: int, epoch: Any) -> tf.Tensor:
+  """Stateless-RNG key (int64 [2]) of one epoch of one random stream."""
   key = tf.stack([tf.cast(seed, tf.int64), tf.constant(stream, tf.int64)])
-  key = tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
-  return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
+
+
+def example_seed(seed: Any, stream: int, epoch: Any, index: Any) -> tf.Tensor:
+  """Stateless-RNG seed (int64 [2]) for example `index` in one epoch."""
+  return tf.random.experimental.stateless_fold_in(
+      epoch_key(seed, stream, epoch), tf.cast(index, tf.int64))
 
 
 def _luminance(x: tf.Tensor) -> tf.Tensor:
@@ -401,11 +407,14 @@ def _read(info: DatasetInfo, builder, tfds_split: str, start: int, end: int,
   return ds.with_options(options)
 
 
-def _make_preprocess_fn(info: DatasetInfo, kind: str, seed: int, stream: int):
-  def fn(ex, epoch):
-    x = preprocess_image(
-        ex['image'], kind, example_seed(seed, stream, epoch, ex['index']),
-        colour_transform=info.colour_transform, channels=info.shape[-1])
+def _make_preprocess_fn(info: DatasetInfo, kind: str):
+  """fn(example, epoch_key) -> float32 image; == example_seed's noise."""
+  def fn(ex, key):
+    example_key = tf.random.experimental.stateless_fold_in(
+        key, tf.cast(ex['index'], tf.int64))
+    x = preprocess_image(ex['image'], kind, example_key,
+                         colour_transform=info.colour_transform,
+                         channels=info.shape[-1])
     return tf.ensure_shape(x, info.shape)
   return fn
 
@@ -441,22 +450,34 @@ def _numpy_iterator(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
 # ----------------------------------------------------------------------------
 
 
+def _train_geometry(config, process_count: int):
+  """(info, builder, tfds split, examples used, local batch, steps/epoch)."""
+  info = get_dataset_info(config.data.name)
+  data_dir = _cfg(config.data, 'data_dir', None)
+  builder = _builder(info, data_dir)
+  tfds_split, n = _tfds_split(info, builder, 'train', data_dir)
+  cap = _cfg(config.data, 'max_train_examples', None)
+  if cap:
+    n = min(n, int(cap))
+  local_batch = _local_batch(int(config.train.batch_size), process_count)
+  steps = (n // process_count) // local_batch
+  if steps == 0:
+    raise ValueError(
+        f'{info.name} train: {n} examples over {process_count} process(es) is '
+        f'less than one batch of {config.train.batch_size}.')
+  return info, builder, tfds_split, n, local_batch, steps
+
+
 def steps_per_epoch(config, process_count: int = 1) -> int:
   """Number of batches in one training epoch (identical on every host).
 
   Each host reads `num_train // process_count` examples per epoch, in batches
-  of `config.train.batch_size // process_count`; the remainder is dropped.
+  of `config.train.batch_size // process_count`; the remainder is dropped
+  (so FashionMNIST at batch 128 has 468 steps, not the reference's 469).
+  `num_train` is the train split size, or `config.data.max_train_examples`
+  if that optional field is set and smaller (tiny test/CI configs).
   """
-  info = get_dataset_info(config.data.name)
-  data_dir = _cfg(config.data, 'data_dir', None)
-  builder = _builder(info, data_dir)
-  _, n = _tfds_split(info, builder, 'train', data_dir)
-  local_batch = _local_batch(int(config.train.batch_size), process_count)
-  steps = (n // process_count) // local_batch
-  if steps == 0:
-    raise ValueError(f'{info.name} train has {n} examples, fewer than one '
-                     f'batch of {config.train.batch_size}.')
-  return steps
+  return _train_geometry(config, process_count)[-1]
 
 
 def _block_shuffle(ds: tf.data.Dataset, block: int, seed: tf.Tensor
@@ -480,7 +501,8 @@ def create_train_iterator(config, *, seed: int | None = None,
   Args:
     config: ConfigDict with `data.name`, `data.preprocessing`, `data.data_dir`
       (None = TFDS default), `data.shuffle_buffer` (block size of the
-      stateless shuffle; 0/None or >= split size = full shuffle),
+      stateless shuffle; 0/None or >= split size = full shuffle), optionally
+      `data.max_train_examples` (use only the first N train examples),
       `train.batch_size` (global) and `seed`.
     seed: data seed; defaults to `config.seed`.
     process_index: this host's index.
@@ -493,17 +515,13 @@ def create_train_iterator(config, *, seed: int | None = None,
     Batch i of the iterator is global step start_step + i; the sequence is the
     same as an uninterrupted iterator's from that step on.
   """
-  info = get_dataset_info(config.data.name)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  info, builder, tfds_split, n, local_batch, spe = _train_geometry(
+      config, process_count)
   kind = _check_kind(_cfg(config.data, 'preprocessing', info.preprocessing))
   data_dir = _cfg(config.data, 'data_dir', None)
   seed = int(config.seed if seed is None else seed)
-  local_batch = _local_batch(int(config.train.batch_size), process_count)
-  if start_step < 0:
-    raise ValueError(f'start_step must be >= 0, got {start_step}.')
-
-  builder = _builder(info, data_dir)
-  tfds_split, n = _tfds_split(info, builder, 'train', data_dir)
-  spe = steps_per_epoch(config, process_count)
   start, end = _host_range(n, process_index, process_count)
   per_epoch = spe * local_batch
   block = int(_cfg(config.data, 'shuffle_buffer', 0) or 0)
@@ -517,13 +535,14 @@ def create_train_iterator(config, *, seed: int | None = None,
     key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
     key = tf.random.experimental.stateless_fold_in(key, process_index)
     ds = _block_shuffle(raw, block, key).take(per_epoch)
-    return ds.map(lambda ex: (ex, epoch))
+    noise_key = epoch_key(seed, _TRAIN_STREAM, epoch)  # Once per epoch.
+    return ds.map(lambda ex: (ex, noise_key))
 
   first_epoch, skip_steps = divmod(int(start_step), spe)
   ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
   ds = ds.skip(skip_steps * local_batch)
-  preprocess = _make_preprocess_fn(info, kind, seed, _TRAIN_STREAM)
-  ds = ds.map(lambda ex, epoch: {'image': preprocess(ex, epoch),
+  preprocess = _make_preprocess_fn(info, kind)
+  ds = ds.map(lambda ex, key: {'image': preprocess(ex, key),
                                  'label': ex['label']},
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -554,8 +573,8 @@ def create_eval_dataset(name: str, split: str, *, preprocessing: str,
     split: 'train', 'test', 'validation' (the reference's meaning) or a TFDS
       split name.
     preprocessing: one of `PREPROCESSING_KINDS`.
-    batch_size: global batch size; each host yields batch_size //
-      process_count examples per batch.
+    batch_size: examples per yielded batch, on each host (per-host batch;
+      the global eval batch is batch_size * process_count).
     seed: seed of the binarisation/dequantisation noise; the same seed gives
       the same data, use a new seed for a fresh draw.
     max_examples: cap on the number of examples (None = whole split).
@@ -565,14 +584,16 @@ def create_eval_dataset(name: str, split: str, *, preprocessing: str,
 
   Returns:
     (iterator, num_examples): the iterator yields dict(image=float32
-    [local_batch, H, W, C], label=int32 (-1 for padding), mask=bool, True for
+    [batch_size, H, W, C], label=int32 (-1 for padding), mask=bool, True for
     real examples); num_examples is the number of real examples on this host.
   """
   info = get_dataset_info(name)
   kind = _check_kind(preprocessing)
   if target_shape is not None:
     check_image_shape(name, target_shape)
-  local_batch = _local_batch(int(batch_size), process_count)
+  local_batch = int(batch_size)
+  if local_batch <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}.')
   builder = _builder(info, data_dir)
   tfds_split, n = _tfds_split(info, builder, split, data_dir)
   if max_examples is not None:
@@ -583,10 +604,12 @@ def create_eval_dataset(name: str, split: str, *, preprocessing: str,
   start, end = _host_range(n, process_index, process_count)
   num_batches = math.ceil(math.ceil(n / process_count) / local_batch)
   num_padding = num_batches * local_batch - (end - start)
+  assert num_padding >= 0, (num_padding, start, end, n)
 
-  preprocess = _make_preprocess_fn(info, kind, seed, _EVAL_STREAM)
+  preprocess = _make_preprocess_fn(info, kind)
+  key = epoch_key(seed, _EVAL_STREAM, 0)
   ds = _read(info, builder, tfds_split, start, end, data_dir).map(
-      lambda ex: {'image': preprocess(ex, 0), 'label': ex['label'],
+      lambda ex: {'image': preprocess(ex, key), 'label': ex['label'],
                   'mask': tf.constant(True)},
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors({

@@ -85,6 +85,130 @@ class _WeightNormBase(nn.Module):
     return v * (g * inv_norm), b
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Convolution kernels. XLA:CPU runs stride-1 convolutions through a fast path, but strided and (above all)
+# transposed convolutions, and the gradients of strided convolutions, become lhs-dilated convolutions that it
+# runs through a slow generic loop (the k5 s2 transposed conv's gradient ran at ~1 GFLOP/s, 40x slower than a
+# plain conv). The fast paths below rewrite every strided/transposed conv as ONE stride-1 conv plus a
+# depth-to-space or space-to-depth reshuffle, whose gradients are again stride-1 convs. The combined kernel is
+# built from the folded weight w by pads, reshapes, transposes and flips only (a static gather), so the stored
+# parameters are the same for both paths and their results agree to float rounding.
+
+FAST_CONV = True
+"""Default for `WNConv.fast` (None): use the sub-pixel / space-to-depth fast paths. Set False to run the plain
+lax.conv_general_dilated / lax.conv_transpose path everywhere (reference for the equivalence tests)."""
+
+
+def conv_plain(x: Array, w: Array, stride: int, pads) -> Array:
+  """Reference strided conv, explicit (lo, hi) padding per spatial axis (HWIO kernel, NHWC)."""
+  return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=_DN)
+
+
+def conv_transpose_plain(x: Array, w: Array, stride: int, pads) -> Array:
+  """Reference transposed conv: lax.conv_transpose with explicit padding of the dilated input, no flip."""
+  return lax.conv_transpose(x, w, (stride, stride), pads, dimension_numbers=_DN)
+
+
+def _pad_axis(a: Array, axis: int, lo: int, hi: int) -> Array:
+  """Zero-pads (or, for negative amounts, crops) one axis."""
+  cfg = [(0, 0, 0)] * a.ndim
+  cfg[axis] = (lo, hi, 0)
+  return lax.pad(a, jnp.zeros((), a.dtype), cfg)
+
+
+def space_to_depth_kernel(w: Array, s: int) -> Array:
+  """(k, k, C, F) kernel of a stride-s conv -> (T, T, s*s*C, F), T = ceil(k/s), for the stride-1 conv on a
+  space-to-depth input: K[ty, tx, (ry, rx, c), f] = w[s*ty + ry, s*tx + rx, c, f], zero where the tap >= k."""
+  k, c, f = w.shape[0], w.shape[2], w.shape[3]
+  t = -(-k // s)
+  w = _pad_axis(_pad_axis(w, 0, 0, s * t - k), 1, 0, s * t - k)
+  w = w.reshape(t, s, t, s, c, f).transpose(0, 2, 1, 3, 4, 5)
+  return w.reshape(t, t, s * s * c, f)
+
+
+def conv_strided_s2d(x: Array, w: Array, stride: int, pads) -> Array:
+  """Equals conv_plain(x, w, stride, pads) for any (lo, hi) pads, as one stride-1 VALID conv.
+
+  y[q] = sum_j xp[s*q + j] w[j] with xp the padded input; writing j = s*t + r this is a stride-1 conv over t of
+  the space-to-depth input xs[m, r] = xp[s*m + r] with the kernel K[t, r] = w[s*t + r] (zero for j >= k).
+  """
+  s, k = stride, w.shape[0]
+  if s == 1:
+    return conv_plain(x, w, 1, pads)
+  n, c = x.shape[0], x.shape[-1]
+  t = -(-k // s)
+  outs, cfg = [], [(0, 0, 0)]
+  for axis, (lo, hi) in zip((1, 2), pads):
+    size = x.shape[axis]
+    out = (size + lo + hi - k) // s + 1
+    outs.append(out)
+    cfg.append((lo, s * (out - 1 + t) - size - lo, 0))  # taps past the kernel meet zero weights
+  cfg.append((0, 0, 0))
+  xp = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+  hs, ws = outs[0] - 1 + t, outs[1] - 1 + t
+  xs = xp.reshape(n, hs, s, ws, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, s * s * c)
+  return lax.conv_general_dilated(xs, space_to_depth_kernel(w, s), (1, 1), "VALID", dimension_numbers=_DN)
+
+
+def _subpixel_geometry(k: int, s: int, lo: int) -> tuple[int, int, int]:
+  """Tap range of the sub-pixel form of a transposed conv along one axis: (d_min, taps, offset c).
+
+  Output phase r = o mod s reads y[s*q + r] = sum_d x[q + d] w[s*d + lo - r] over the d with 0 <= s*d+lo-r < k,
+  so d runs over [d_min, d_max] = [ceil(-lo/s), floor((k + s - 2 - lo)/s)] across all phases. With r' = s-1-r
+  the tap is j = s*t + r' + c, t = d - d_min, c = s*d_min + lo - (s-1).
+  """
+  d_min = -(lo // s)
+  d_max = (k + s - 2 - lo) // s
+  return d_min, d_max - d_min + 1, s * d_min + lo - (s - 1)
+
+
+def subpixel_kernel(w: Array, s: int, lo: tuple[int, int]) -> Array:
+  """(k, k, C, F) transposed-conv kernel -> (Ty, Tx, C, s*s*F) stride-1 kernel producing all s*s phases:
+  K[ty, tx, c, (ry, rx, f)] = w[s*(d_min_y+ty) + lo_y - ry, s*(d_min_x+tx) + lo_x - rx, c, f], zero off-kernel."""
+  k, c, f = w.shape[0], w.shape[2], w.shape[3]
+  (_, ty, cy), (_, tx, cx) = _subpixel_geometry(k, s, lo[0]), _subpixel_geometry(k, s, lo[1])
+  w = _pad_axis(w, 0, -cy, s * ty - k + cy)  # w_ext[i] = w[i + c]: length s*T, zero outside [0, k)
+  w = _pad_axis(w, 1, -cx, s * tx - k + cx)
+  w = w.reshape(ty, s, tx, s, c, f)[:, ::-1, :, ::-1]  # [t, r'] -> [t, r]
+  return w.transpose(0, 2, 4, 1, 3, 5).reshape(ty, tx, c, s * s * f)
+
+
+def conv_transpose_subpixel(x: Array, w: Array, stride: int, pads) -> Array:
+  """Equals conv_transpose_plain(x, w, stride, pads) as one stride-1 conv (all s*s output phases as channels)
+  followed by depth-to-space."""
+  s, k = stride, w.shape[0]
+  if s == 1:
+    return conv_transpose_plain(x, w, 1, pads)
+  n, f = x.shape[0], w.shape[-1]
+  conv_pads, outs, qs = [], [], []
+  for axis, (lo, hi) in zip((1, 2), pads):
+    size = x.shape[axis]
+    out = (size - 1) * s + 1 + lo + hi - k + 1
+    q = -(-out // s)
+    d_min, taps, _ = _subpixel_geometry(k, s, lo)
+    conv_pads.append((-d_min, q - size + d_min + taps - 1))
+    outs.append(out)
+    qs.append(q)
+  kern = subpixel_kernel(w, s, (pads[0][0], pads[1][0]))
+  z = lax.conv_general_dilated(x, kern, (1, 1), conv_pads, dimension_numbers=_DN)
+  z = z.reshape(n, qs[0], qs[1], s, s, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, qs[0] * s, qs[1] * s, f)
+  if (qs[0] * s, qs[1] * s) != tuple(outs):
+    z = z[:, :outs[0], :outs[1]]
+  return z
+
+
+def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None) -> Array:
+  """WNConv's convolution: TF-'SAME' conv (out = ceil(in/s)) or transposed conv (out = s*in, the reference's
+  crop), via the fast paths unless `fast` (default `FAST_CONV`) is False."""
+  fast = FAST_CONV if fast is None else fast
+  k = w.shape[0]
+  if transpose:
+    pads = (transpose_pads(k, stride),) * 2
+    return (conv_transpose_subpixel if fast else conv_transpose_plain)(x, w, stride, pads)
+  pads = (same_pads(x.shape[1], k, stride), same_pads(x.shape[2], k, stride))
+  return (conv_strided_s2d if fast else conv_plain)(x, w, stride, pads)
+
+
 class WNConv(_WeightNormBase):
   """Weight-normalised 2-D convolution (or transposed convolution) with TF 'SAME' semantics.
 
@@ -94,6 +218,8 @@ class WNConv(_WeightNormBase):
     stride: spatial stride (upsampling factor when `transpose`).
     transpose: run a transposed conv whose output is exactly `stride * input` spatially.
     dtype: compute dtype (parameters stay float32).
+    fast: use the stride-1 rewrites of strided/transposed convs (None: the module default `FAST_CONV`); the
+      parameters are the same either way.
   """
 
   features: int
@@ -101,16 +227,10 @@ class WNConv(_WeightNormBase):
   stride: int = 1
   transpose: bool = False
   dtype: Any = jnp.float32
+  fast: Optional[bool] = None
 
   def _conv(self, x: Array, w: Array) -> Array:
-    k, s = self.kernel_size, self.stride
-    x = x.astype(self.dtype)
-    w = w.astype(self.dtype)
-    if self.transpose:
-      pad = transpose_pads(k, s)
-      return lax.conv_transpose(x, w, (s, s), (pad, pad), dimension_numbers=_DN)
-    pads = (same_pads(x.shape[1], k, s), same_pads(x.shape[2], k, s))
-    return lax.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=_DN)
+    return conv2d(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.transpose, self.fast)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:

@@ -53,3 +53,23 @@ class MetricWriter:
       self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
+
+
+class _LibraryNoiseFilter(logging.Filter):
+  """Drops INFO records of orbax/tensorflow_datasets internals; keeps warnings and our own messages."""
+
+  NOISY = ("orbax", "tensorflow_datasets", "etils", "jax/_src")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  """INFO logging for the run's own progress lines, without the per-file chatter of orbax and tfds."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.INFO)
+  f = _LibraryNoiseFilter()
+  absl_logging.get_absl_handler().addFilter(f)
+  logging.getLogger().addFilter(f)
+  for h in logging.getLogger().handlers:
+    h.addFilter(f)

@@ -9,6 +9,7 @@ resumed run continues exactly the run it resumes.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -349,19 +350,20 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
     best_elbo = meta.get("best_eval_elbo")
     logging.info("Resumed from step %d of %s.", start_step, workdir)
   else:
-    init_it = input_pipeline.create_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
-                                                   process_count=jax.process_count(), start_step=0)
-    first = next(iter(init_it))["image"]
-    state = jax.jit(functools.partial(create_train_state, config, model), out_shardings=replicated)(
-        jnp.asarray(first))
     start_step, elapsed, best_elbo = 0, 0.0, None
-    del init_it
 
   train_step = jax.jit(make_train_step(config, model, spe), in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
   writer = logging_utils.MetricWriter(workdir, enabled=is_main)
-  data = input_pipeline.create_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
-                                              process_count=jax.process_count(), start_step=start_step)
+  data_iter = iter(input_pipeline.create_train_iterator(
+      config, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      start_step=start_step))
+  if restored is None:
+    # Data-dependent init on the first training batch (which is then also the first step's batch).
+    first = next(data_iter)
+    data_iter = itertools.chain([first], data_iter)
+    state = jax.jit(functools.partial(create_train_state, config, model), out_shardings=replicated)(
+        to_global(first["image"], batch_sharding))
   eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else \
       max(1, int(round(config.eval.every_epochs * spe)))
   budget_s = config.train.time_budget_minutes * 60.0
@@ -382,7 +384,6 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
   step = start_step
   images_per_step = config.train.batch_size
   with _Preemption() as preempt:
-    data_iter = iter(data)
     while step < num_steps:
       t0 = time.time()
       batch = next(data_iter)

@@ -1,0 +1,99 @@
+"""Microbenchmark of WNConv's convolutions on this machine: plain lax path against the fast (stride-1) paths.
+
+  python benchmarks/microbench_convs.py [--batch 128] [--channels 64] [--repeats 5] [--ops conv5s2,convT5s2]
+      [--dtype float32|bfloat16] [--paths plain,fast]
+
+For every op (the FashionMNIST HVAE's conv shapes) and path it prints the median time of the forward pass and
+of the gradient (both dx and dw of <y, ct>, one jitted call) in ms of wall time, and GFLOP/s counted as the op's *useful*
+multiply-adds (2 * N * H_in * W_in * k^2 * C * F for a transposed conv, 2 * N * H_out * W_out * k^2 * C * F
+otherwise; the gradient counts twice that), so GFLOP/s compare paths directly. The last two columns are the
+process CPU time (all threads) of the same calls, the steadier figure when other jobs share the cores. XLA_FLAGS in the environment
+apply (set them before running, e.g. XLA_FLAGS=--xla_cpu_use_onednn=true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hvaeood import layers  # noqa: E402
+
+# name: (kernel, stride, transpose, input spatial size)
+OPS = {
+    "conv5s1": (5, 1, False, 28),
+    "conv5s2": (5, 2, False, 28),
+    "convT5s2": (5, 2, True, 14),
+    "conv3s1": (3, 1, False, 14),
+    "conv3s2": (3, 2, False, 14),
+    "convT3s2": (3, 2, True, 7),
+    "conv1s1": (1, 1, False, 28),
+}
+
+
+def useful_flops(n, c, f, k, s, transpose, size):
+  out = size if transpose else -(-size // s)
+  return 2.0 * n * out * out * k * k * c * f
+
+
+def bench(fn, args, repeats):
+  jax.block_until_ready(fn(*args))  # compile + warm-up
+  jax.block_until_ready(fn(*args))
+  times, cpu = [], []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return statistics.median(times), statistics.median(cpu)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--channels", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--ops", default=",".join(OPS))
+  ap.add_argument("--paths", default="plain,fast")
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--no_grad", action="store_true")
+  ap.add_argument("--json", action="store_true", help="also print one JSON line per measurement")
+  args = ap.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  n, c = args.batch, args.channels
+  rng = np.random.default_rng(0)
+  print(f"batch {n}, {c}->{c} channels, {dtype.name}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"{'op':10s} {'path':6s} {'fwd ms':>9s} {'GFLOP/s':>8s} {'grad ms':>9s} {'GFLOP/s':>8s} {'fwd cpu':>9s} {'grad cpu':>9s}")
+  for name in args.ops.split(","):
+    k, s, transpose, size = OPS[name]
+    x = jnp.asarray(rng.standard_normal((n, size, size, c)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, k, c, c)) / (k * np.sqrt(c)), dtype)
+    out_shape = jax.eval_shape(lambda x, w: layers.conv2d(x, w, s, transpose, fast=False), x, w).shape
+    ct = jnp.asarray(rng.standard_normal(out_shape), dtype)
+    fl = useful_flops(n, c, c, k, s, transpose, size)
+    for path in args.paths.split(","):
+      fast = path == "fast"
+      conv = lambda x, w, fast=fast: layers.conv2d(x, w, s, transpose, fast=fast)
+      fwd = jax.jit(conv)
+      grad = jax.jit(jax.grad(lambda x, w, ct: jnp.vdot(conv(x, w).astype(jnp.float32), ct.astype(jnp.float32)),
+                              argnums=(0, 1)))
+      t_f, c_f = bench(fwd, (x, w), args.repeats)
+      t_g, c_g = (float("nan"),) * 2 if args.no_grad else bench(grad, (x, w, ct), args.repeats)
+      print(f"{name:10s} {path:6s} {t_f * 1e3:9.1f} {fl / t_f / 1e9:8.1f} {t_g * 1e3:9.1f} {2 * fl / t_g / 1e9:8.1f}"
+            f" {c_f * 1e3:9.1f} {c_g * 1e3:9.1f}", flush=True)
+      if args.json:
+        print(json.dumps({"op": name, "path": path, "fwd_ms": round(t_f * 1e3, 2), "grad_ms": round(t_g * 1e3, 2),
+                          "fwd_gflops": round(fl / t_f / 1e9, 1), "grad_gflops": round(2 * fl / t_g / 1e9, 1)}))
+
+
+if __name__ == "__main__":
+  main()

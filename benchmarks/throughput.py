@@ -1,0 +1,151 @@
+"""Training and evaluation throughput on synthetic batches; prints one JSON line.
+
+  python benchmarks/throughput.py --config configs/fashion_mnist_hvae.py [--batch_size 128] [--steps 10]
+      [--iw_samples 1] [--eval_batch_size 500] [--compute_dtype float32]
+
+Imports no TensorFlow (runs on accelerator images without it). Figures: `train_img_per_s` (median of
+`--repeats` timed windows of `--steps` steps after warm-up, blocking on the result), `eval_img_per_s` (the
+ELBO and every L^{>k} of a batch, S samples, one jitted call), `compile_s` (training step), `peak_rss_mb`,
+`flops_per_train_image` (XLA cost analysis of the compiled step), `achieved_gflops`, device kind and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+
+def load_config(spec: str):
+  path, _, variant = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("bench_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(variant) if variant else mod.get_config()
+
+
+def synthetic_batch(rng: np.random.Generator, n: int, shape, binary: bool) -> np.ndarray:
+  x = rng.random((n,) + tuple(shape), dtype=np.float32)
+  return (x < 0.3).astype(np.float32) if binary else x
+
+
+def cost_flops(compiled) -> float:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+  except Exception:  # pylint: disable=broad-except
+    return float("nan")
+
+
+def timed(fn, steps: int, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = fn()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / steps)
+  return times
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", required=True)
+  ap.add_argument("--batch_size", type=int, default=None)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--iw_samples", type=int, default=1)
+  ap.add_argument("--eval_batch_size", type=int, default=None)
+  ap.add_argument("--eval_steps", type=int, default=2)
+  ap.add_argument("--max_rows", type=int, default=None)
+  ap.add_argument("--compute_dtype", default=None)
+  ap.add_argument("--skip_train", action="store_true")
+  ap.add_argument("--skip_eval", action="store_true")
+  args = ap.parse_args(argv)
+
+  from hvaeood import bounds, train  # pylint: disable=import-outside-toplevel
+  config = load_config(args.config)
+  if args.batch_size:
+    config.train.batch_size = args.batch_size
+  if args.compute_dtype:
+    config.model.compute_dtype = args.compute_dtype
+  model = train.model_for_config(config)
+  shape = model.spec.image_shape
+  binary = config.model.likelihood == "bernoulli"
+  rng = np.random.default_rng(0)
+  mesh = train.make_mesh()
+  n_dev = mesh.devices.size
+  bs = config.train.batch_size
+  train.check_batch(bs, mesh)
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  result = {"config": args.config, "batch_size": bs, "device_kind": jax.devices()[0].device_kind,
+            "device_count": n_dev, "backend": jax.default_backend(), "compute_dtype": config.model.compute_dtype}
+
+  x = jax.device_put(synthetic_batch(rng, bs, shape, binary), sharded)
+  state = jax.jit(lambda b: train.create_train_state(config, model, b), out_shardings=replicated)(x)
+
+  if not args.skip_train:
+    step_fn = jax.jit(train.make_train_step(config, model, steps_per_epoch=1000),
+                      in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                      donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, x).compile()
+    result["compile_s"] = time.perf_counter() - t0
+    flops = cost_flops(compiled)
+    holder = {"state": state}
+
+    def one_step():
+      holder["state"], m = compiled(holder["state"], x)
+      return m["loss"]
+
+    jax.block_until_ready(one_step())  # warm-up
+    times = timed(one_step, args.steps, args.repeats)
+    step_s = statistics.median(times)
+    result["train_step_s"] = step_s
+    result["train_img_per_s"] = bs / step_s
+    result["flops_per_train_image"] = flops / bs
+    result["achieved_gflops"] = flops / step_s / 1e9
+    state = holder["state"]
+
+  if not args.skip_eval:
+    eb = args.eval_batch_size or min(500, max(bs, n_dev))
+    eb = max(n_dev, eb - eb % n_dev)
+    xe = jax.device_put(synthetic_batch(rng, eb, shape, binary), sharded)
+    ks = tuple(range(model.spec.num_layers))
+    kwargs = dict(iw_samples=args.iw_samples, ks=ks)
+    if args.max_rows:
+      kwargs["max_rows"] = args.max_rows
+    ev = jax.jit(lambda p, xb, r: bounds.compute_bounds(model, p, xb, r, **kwargs))
+    t0 = time.perf_counter()
+    ev_c = ev.lower(state.params, xe, jax.random.PRNGKey(0)).compile()
+    result["eval_compile_s"] = time.perf_counter() - t0
+    jax.block_until_ready(ev_c(state.params, xe, jax.random.PRNGKey(0)))
+    times = timed(lambda: ev_c(state.params, xe, jax.random.PRNGKey(1)).elbo, args.eval_steps, args.repeats)
+    result["eval_batch_size"] = eb
+    result["iw_samples"] = args.iw_samples
+    result["eval_img_per_s"] = eb / statistics.median(times)
+    result["eval_flops_per_image"] = cost_flops(ev_c) / eb
+
+  result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
+                    for k, v in result.items()}))
+  return result
+
+
+if __name__ == "__main__":
+  main()

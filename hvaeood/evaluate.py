@@ -1,0 +1,490 @@
+"""OOD evaluation of a trained checkpoint: per-example bounds, the paper's metrics, tables and plots.
+
+`evaluate(checkpoint, output_dir, ...)` is what `python evaluate.py` runs. It loads the checkpoint (the model
+config and the in-distribution dataset come from it), scores every example of the in-distribution split, a
+second, independently re-drawn pass of it (the sanity row) and each OOD set, and writes to `output_dir`:
+
+* `scores.npz`   per-example raw scores, keys `<dataset>/<score>`: `ELBO` (importance-weighted with S samples),
+                 `L>k`, `LLR>k` (every requested k, including k = 0), `log_px` (averaged over the ELBO's S
+                 samples) and `kl` ([N, L] per-layer KL, same averaging). Nats; not sign-flipped.
+* `roc.png`, `hist.png`  ROC curves per OOD set; histograms of the raw scores in vs OOD.
+* `results.md`   the paper-style table (AUROC / AUPRC / FPR80 per OOD set, one row per score) and the settings.
+* `results.json` written last, so a directory without it holds no finished run.
+
+Metrics (SPEC 5): OOD is the positive class; every score is oriented so that higher means more OOD: `LLR>k` as
+is, `ELBO` and `L>k` negated. Both sides are subsampled to equal size with a seeded generator. The sanity row,
+`"<in> (sanity)"`, compares the in-distribution scores with a second pass over the same examples with fresh
+binarisation/dequantisation noise and fresh latent samples; its AUROC should be close to 0.5.
+
+Randomness. Pass `name` (a dataset name, or `"<in> (sanity)"`) uses the key `pass_key(seed, name)`; batch i
+of it uses `fold_in(pass_key, i)`, which `bounds.compute_bounds` folds once more with the chunk index. Data noise
+uses `seed` (the sanity pass: `seed + 1`). The per-example values therefore do not depend on which other OOD
+sets are evaluated.
+
+Parallelism: each batch is sharded over all devices (`P('data')`) and all bounds of a batch come out of one
+compiled `bounds.compute_bounds` call; with several processes each feeds its contiguous slice of the split,
+the scores are gathered in file order on every process and process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zlib
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hvaeood import bounds
+from hvaeood import checkpoints as ckpt
+from hvaeood import datasets_info
+from hvaeood import ood_metrics
+from hvaeood import train as train_lib
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+SCORES_NPZ = "scores.npz"
+ROC_PNG = "roc.png"
+HIST_PNG = "hist.png"
+SANITY_SUFFIX = " (sanity)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pure helpers (also used by the tests)
+
+
+def pass_key(seed: int, name: str) -> jax.Array:
+  """The PRNG key of one scoring pass; batch i of the pass uses `fold_in(pass_key, i)`."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def score_names(ks: Sequence[int]) -> list[str]:
+  """The scores of the metric table, in table order: ELBO, every L>k, every LLR>k with k >= 1."""
+  return ["ELBO"] + [f"L>{k}" for k in ks] + [f"LLR>{k}" for k in ks if k >= 1]
+
+
+def oriented_scores(raw: dict[str, np.ndarray], ks: Sequence[int]) -> dict[str, np.ndarray]:
+  """Scores with higher = more OOD: -ELBO, -L>k, LLR>k (SPEC 5)."""
+  out = {}
+  for name in score_names(ks):
+    out[name] = raw[name] if name.startswith("LLR") else -raw[name]
+  return out
+
+
+def parse_ks(ks: Optional[Sequence[int]], num_layers: int) -> tuple[int, ...]:
+  """Sorted unique k values, each in 0..L-1 (default: all of them)."""
+  if ks is None or len(ks) == 0:
+    return tuple(range(num_layers))
+  out = []
+  for k in ks:
+    try:
+      k = int(k)
+    except (TypeError, ValueError):
+      raise ValueError(f"--k must be a comma-separated list of integers, got {k!r}.") from None
+    if not 0 <= k < num_layers:
+      raise ValueError(f"k = {k} is out of range: the model has {num_layers} latent layers, so k must be in "
+                       f"0..{num_layers - 1}.")
+    out.append(k)
+  return tuple(sorted(set(out)))
+
+
+def make_bounds_fn(model, mesh: Mesh, *, iw_samples: int, iw_samples_k: int, ks: tuple[int, ...],
+                   max_rows: Optional[int]) -> Callable:
+  """jit of (params, x sharded P('data'), key) -> bounds.Bounds with every output replicated on all devices.
+
+  Replicated outputs let every process read the whole batch's scores without a further collective.
+  """
+  replicated = NamedSharding(mesh, P())
+  rows = bounds.DEFAULT_MAX_ROWS if max_rows is None else int(max_rows)
+
+  def fn(params, x, key):
+    b = bounds.compute_bounds(model, params, x, key, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks,
+                              max_rows=rows)
+    return b._replace(ks=())
+
+  return jax.jit(fn, in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
+                 out_shardings=replicated)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring passes
+
+
+class _Pass:
+  """One dataset pass: its iterator (already validated) and where its scores go."""
+
+  def __init__(self, name: str, dataset: str, data_seed: int, it, num_local: int):
+    self.name, self.dataset, self.data_seed, self.it, self.num_local = name, dataset, data_seed, it, num_local
+
+
+def _row_permutation(sharding: NamedSharding, global_batch: int, process_count: int) -> np.ndarray:
+  """Permutation of a global batch's rows into process-major order (process p's local rows in order)."""
+  owner = np.full(global_batch, -1)
+  for device, index in sharding.devices_indices_map((global_batch,)).items():
+    owner[index[0]] = device.process_index
+  return np.concatenate([np.flatnonzero(owner == p) for p in range(process_count)])
+
+
+def _gather_masks(local_masks: np.ndarray) -> np.ndarray:
+  """[nb, lb] local masks -> [P, nb, lb] of all processes."""
+  if jax.process_count() == 1:
+    return local_masks[None]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(local_masks, tiled=False)).reshape(
+      (jax.process_count(),) + local_masks.shape)
+
+
+def score_pass(fn: Callable, params, it, sharding: NamedSharding, key: jax.Array, local_batch: int
+               ) -> tuple[dict[str, np.ndarray], int]:
+  """Scores every batch of `it` with `fn`; returns the real examples' raw arrays in file order and the batch count.
+
+  Returns:
+    ({"elbo": [N], "lk": [K, N], "llr": [K, N], "log_px": [N], "kl": [L, N]}, number of batches).
+  """
+  outs, masks = [], []
+  pending = None
+  for i, batch in enumerate(it):
+    x = train_lib.to_global(np.asarray(batch["image"], np.float32), sharding)
+    result = fn(params, x, np.asarray(jax.random.fold_in(key, i)))
+    masks.append(np.asarray(batch["mask"], bool))
+    if pending is not None:  # fetch the previous batch while this one runs
+      outs.append(jax.device_get(pending))
+    pending = result
+  if pending is not None:
+    outs.append(jax.device_get(pending))
+  if not outs:
+    raise ValueError("The dataset yielded no batches.")
+  n_proc = jax.process_count()
+  global_batch = local_batch * n_proc
+  perm = _row_permutation(sharding, global_batch, n_proc)
+  mask = _gather_masks(np.stack(masks)).reshape(-1)  # [P * nb * lb], process-major = file order
+  nb = len(outs)
+  cols = {}
+  for field in ("elbo", "lk", "llr", "log_px", "kl"):
+    a = np.stack([np.asarray(getattr(o, field)) for o in outs])  # [nb, *lead, B]
+    a = a[..., perm]
+    lead = a.shape[1:-1]
+    a = a.reshape((nb,) + lead + (n_proc, local_batch))
+    a = np.moveaxis(a, 0, -2)  # [*lead, P, nb, lb]
+    cols[field] = a.reshape(lead + (-1,))[..., mask]
+  return cols, nb
+
+
+def raw_scores(cols: dict[str, np.ndarray], ks: Sequence[int]) -> dict[str, np.ndarray]:
+  """The named per-example arrays of one pass (the entries of scores.npz)."""
+  out = {"ELBO": cols["elbo"]}
+  for i, k in enumerate(ks):
+    out[f"L>{k}"] = cols["lk"][i]
+  for i, k in enumerate(ks):
+    out[f"LLR>{k}"] = cols["llr"][i]
+  out["log_px"] = cols["log_px"]
+  out["kl"] = np.ascontiguousarray(cols["kl"].T)  # [N, L]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output files (all atomic: temp file in the directory, then os.replace)
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as f:
+      write(f)
+    _chmod_default(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+@functools.lru_cache(maxsize=None)
+def _umask() -> int:
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return umask
+
+
+def _chmod_default(path: str) -> None:
+  """mkstemp creates files 0600; give the outputs the mode a plain open() would."""
+  os.chmod(path, 0o666 & ~_umask())
+
+
+def _prepare_output_dir(output_dir: str) -> str:
+  """Creates `output_dir` if needed and proves it writable; a clear ValueError otherwise."""
+  if not output_dir:
+    raise ValueError("--output_dir is required: the directory for results.json, results.md, scores.npz and "
+                     "the plots.")
+  path = os.path.abspath(output_dir)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    reason = e.strerror or type(e).__name__
+    raise ValueError(f"Output directory {path} is not writable ({reason}). Pass a writable --output_dir.") from None
+  return path
+
+
+def _markdown(results: dict, table: dict, order: list[str], settings: dict) -> str:
+  lines = [f"# OOD detection: {results['in_distribution']} vs {', '.join(n for n in results['ood'])}", "",
+           f"Checkpoint `{results['checkpoint']}` (step {results['step']}).", "",
+           "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "",
+           "OOD is the positive class; scores oriented so that higher = more OOD (ELBO and L>k negated, LLR>k "
+           "as is); in-distribution and OOD sets subsampled to equal size (seeded).", "",
+           ood_metrics.format_markdown_table(table, score_order=order).rstrip(), "",
+           "Bits/dim: " + ", ".join(f"{n} {v:.4f}" for n, v in results["bits_per_dim"].items()), "",
+           "ELBO (nats): " + ", ".join(f"{n} {v:.2f}" for n, v in results["elbo"].items()), "",
+           f"Throughput: {results['images_per_sec']:.1f} images/s over {results['images_scored']} images "
+           f"({results['scoring_seconds']:.1f} s scoring after {results['compile_seconds']:.1f} s compiling); "
+           f"wall time {results['wall_seconds']:.1f} s."]
+  return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation that needs no TensorFlow (so user errors are reported before the input pipeline loads)
+
+
+def _resolve_dataset(name: str, model_shape: tuple[int, ...]) -> str:
+  """Canonical name of a dataset that fits the model; ValueError naming the shapes and the fix otherwise."""
+  try:
+    canonical = datasets_info.canonical(name)
+  except ValueError:
+    # Only the input pipeline knows some sets (e.g. omniglot_inverted); it raises the unknown-name error.
+    from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+    info = input_pipeline.get_dataset_info(name)
+    input_pipeline.check_image_shape(info.name, model_shape)
+    return info.name
+  shape = tuple(datasets_info.image_shape(canonical))
+  if shape != tuple(model_shape):
+    fits = sorted(n for n, d in datasets_info.DATASETS.items() if tuple(d.image_shape) == tuple(model_shape))
+    raise ValueError(f"Dataset {canonical!r} has images of shape {shape} (H, W, C) but the model expects "
+                     f"{tuple(model_shape)}. Fix: evaluate against a dataset of shape {tuple(model_shape)} "
+                     f"({', '.join(fits) or 'none known'}), or use a model trained on {shape} images.")
+  return canonical
+
+
+def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split):
+  if which not in ("latest", "best"):
+    raise ValueError(f"--which must be 'latest' or 'best', got {which!r}.")
+  for flag, v in (("--iw_samples", iw_samples), ("--iw_samples_k", iw_samples_k), ("--batch_size", batch_size)):
+    if not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{flag} must be a positive integer, got {v!r}.")
+  if max_examples is not None and max_examples < 1:
+    raise ValueError(f"--max_examples must be >= 1 (or unset for the whole split), got {max_examples}.")
+  if max_rows is not None and max_rows < 1:
+    raise ValueError(f"--max_rows must be >= 1 (or unset for {bounds.DEFAULT_MAX_ROWS}), got {max_rows}.")
+  if not split:
+    raise ValueError("--split must name a split, e.g. test.")
+
+
+def _check_batch(batch_size: int, mesh: Mesh) -> None:
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if batch_size % n_dev:
+    raise ValueError(f"--batch_size {batch_size} does not divide over the {n_dev} devices; use a multiple of "
+                     f"{n_dev} (e.g. {max(n_dev, batch_size // n_dev * n_dev)}).")
+  if batch_size % n_proc:
+    raise ValueError(f"--batch_size {batch_size} does not divide over {n_proc} processes; use a multiple of "
+                     f"{n_proc}.")
+
+
+def _replicate(tree, sharding: NamedSharding):
+  """Places host-identical parameters on every device of the mesh (works across processes)."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree_util.tree_map(put, jax.device_get(tree))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Optional[Sequence[str]] = None,
+             iw_samples: int = 1, iw_samples_k: int = 1, ks: Optional[Sequence[int]] = None,
+             split: str = "test", max_examples: Optional[int] = None, batch_size: int = 500, seed: int = 0,
+             data_dir: Optional[str] = None, max_rows: Optional[int] = None, use_ema: bool = True) -> dict:
+  """Scores the in-distribution split and each OOD set and writes the outputs (see the module docstring).
+
+  Args:
+    checkpoint: a training workdir or one checkpoint step directory.
+    output_dir: where the outputs go (created if needed).
+    which: 'latest' or 'best' checkpoint of a workdir.
+    ood: OOD dataset names (default: the checkpoint config's eval.ood_datasets).
+    iw_samples: S, importance samples of the ELBO.
+    iw_samples_k: S_k, importance samples of each L^{>k}.
+    ks: the k of L^{>k} and LLR^{>k} (default: every k in 0..L-1).
+    split: the split of every dataset ('test', 'train', 'validation' or a TFDS split name).
+    max_examples: cap on the examples of each dataset (the first ones, file order; default: all).
+    batch_size: global batch; must divide over the devices and the processes.
+    seed: seed of the data noise, the latent samples and the equal-size subsampling.
+    data_dir: TFDS data_dir (default: the checkpoint config's data.data_dir).
+    max_rows: bound on replicas x batch evaluated at once (memory); default bounds.DEFAULT_MAX_ROWS.
+    use_ema: evaluate the EMA parameters when the checkpoint has them.
+
+  Returns:
+    The results dict written to results.json.
+
+  Raises:
+    ValueError, CheckpointError, FileNotFoundError: user errors (bad flags, paths, datasets, shapes).
+  """
+  t_start = time.perf_counter()
+  _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split)
+  if not checkpoint:
+    raise ValueError("--checkpoint is required: a training workdir or one of its checkpoint step directories.")
+  if not output_dir:
+    raise ValueError("--output_dir is required: the directory for results.json, results.md, scores.npz and "
+                     "the plots.")
+  is_main = jax.process_index() == 0
+  mesh = train_lib.make_mesh()
+  _check_batch(batch_size, mesh)
+
+  loaded = ckpt.load_for_eval(checkpoint, which=which, use_ema=use_ema)
+  config = loaded.config
+  model = train_lib.model_for_config(config)
+  model_shape = tuple(model.spec.image_shape)
+  num_layers = model.spec.num_layers
+  ks = parse_ks(ks, num_layers)
+  in_name = datasets_info.canonical(config.data.name)
+  ood_names = []
+  for name in (config.eval.ood_datasets if ood is None else ood):
+    name = _resolve_dataset(str(name).strip(), model_shape)
+    if name == in_name:
+      log.warning("Skipping OOD set %s: it is the in-distribution set (the sanity row covers it).", name)
+    elif name not in ood_names:
+      ood_names.append(name)
+  if not ood_names:
+    raise ValueError("No OOD dataset to evaluate: pass --ood, e.g. --ood mnist.")
+  if data_dir is None:
+    data_dir = config.data.get("data_dir")
+  out_dir = _prepare_output_dir(output_dir) if is_main else os.path.abspath(output_dir)
+
+  # The input pipeline (TensorFlow) is imported only now, after every check that needs no data.
+  from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+  n_proc = jax.process_count()
+  local_batch = batch_size // n_proc
+  sanity_name = in_name + SANITY_SUFFIX
+  passes = []
+  for pass_name, dataset, data_seed in ([(in_name, in_name, seed), (sanity_name, in_name, seed + 1)] +
+                                        [(n, n, seed) for n in ood_names]):
+    it, num_local = input_pipeline.create_eval_dataset(
+        dataset, split, preprocessing=datasets_info.eval_preprocessing(config, dataset), batch_size=batch_size,
+        seed=data_seed, max_examples=max_examples, data_dir=data_dir, process_index=jax.process_index(),
+        process_count=n_proc, target_shape=model_shape)
+    passes.append(_Pass(pass_name, dataset, data_seed, it, num_local))
+
+  if is_main:
+    stale = os.path.join(out_dir, RESULTS_JSON)
+    if os.path.exists(stale):
+      log.warning("Removing %s of an earlier run: the outputs are being rewritten.", stale)
+      os.remove(stale)
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  params = _replicate(loaded.params, replicated)
+  fn = make_bounds_fn(model, mesh, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks, max_rows=max_rows)
+  t0 = time.perf_counter()
+  x_spec = jax.ShapeDtypeStruct((batch_size,) + model_shape, np.float32, sharding=batch_sharding)
+  compiled = fn.lower(params, x_spec, jax.random.PRNGKey(0)).compile()
+  compile_seconds = time.perf_counter() - t0
+  log.info("Compiled the bounds of a batch of %d (S=%d, S_k=%d, k=%s) in %.1f s.", batch_size, iw_samples,
+           iw_samples_k, ks, compile_seconds)
+
+  scores: dict[str, dict[str, np.ndarray]] = {}
+  scoring_seconds, images = 0.0, 0
+  for p in passes:
+    t0 = time.perf_counter()
+    cols, nb = score_pass(compiled, params, p.it, batch_sharding, pass_key(seed, p.name), local_batch)
+    dt = time.perf_counter() - t0
+    scoring_seconds += dt
+    images += len(cols["elbo"])
+    scores[p.name] = raw_scores(cols, ks)
+    log.info("Scored %s (%s split): %d examples in %d batches, %.1f s (%.1f images/s); mean ELBO %.2f nats.",
+             p.name, split, len(cols["elbo"]), nb, dt, len(cols["elbo"]) / max(dt, 1e-9),
+             float(np.mean(cols["elbo"])))
+
+  num_dims = math.prod(model_shape)
+  order = score_names(ks)
+  bad = {n: int(np.count_nonzero(~np.isfinite(s[k]))) for n, s in scores.items() for k in order}
+  results = None
+  if is_main:
+    _atomic_write(os.path.join(out_dir, SCORES_NPZ),
+                  lambda f: np.savez(f, **{f"{n}/{k}": v for n, s in scores.items() for k, v in s.items()}),
+                  mode="wb")
+  if any(bad.values()):
+    worst = max(bad, key=bad.get)
+    raise ValueError(f"{bad[worst]} examples of {worst} have non-finite bounds (see {SCORES_NPZ}); the "
+                     "checkpoint may have diverged. Evaluate an earlier step directory.")
+
+  in_scores = oriented_scores(scores[in_name], ks)
+  ood_scores = {n: oriented_scores(scores[n], ks) for n in ood_names + [sanity_name]}
+  full_table = ood_metrics.ood_table(in_scores, ood_scores, seed=seed)
+  table = {o: {s: {m: float(v[m]) for m in ood_metrics.METRIC_KEYS} for s, v in per.items()}
+           for o, per in full_table.items()}
+  images_per_sec = images / max(scoring_seconds, 1e-9)
+  results = {
+      "checkpoint": loaded.path,
+      "step": int(loaded.step),
+      "in_distribution": in_name,
+      "iw_samples": int(iw_samples),
+      "iw_samples_k": int(iw_samples_k),
+      "n_examples": int(len(scores[in_name]["ELBO"])),
+      "ood": table,
+      "bits_per_dim": {n: float(bounds.bits_per_dim(np.mean(scores[n]["ELBO"]), num_dims))
+                       for n in [in_name] + ood_names},
+      "elbo": {n: float(np.mean(scores[n]["ELBO"])) for n in [in_name] + ood_names},
+      "wall_seconds": 0.0,
+      "images_per_sec": float(images_per_sec),
+      "n_examples_by_dataset": {n: int(len(s["ELBO"])) for n, s in scores.items()},
+      "n_compared": {o: int(next(iter(per.values()))["n"]) for o, per in full_table.items()},
+      "ks": list(ks),
+      "split": split,
+      "seed": int(seed),
+      "batch_size": int(batch_size),
+      "max_rows": int(bounds.DEFAULT_MAX_ROWS if max_rows is None else max_rows),
+      "ema": bool(use_ema),
+      "devices": int(mesh.devices.size),
+      "processes": int(n_proc),
+      "images_scored": int(images),
+      "scoring_seconds": float(scoring_seconds),
+      "compile_seconds": float(compile_seconds),
+  }
+  if is_main:
+    from hvaeood import plots  # pylint: disable=import-outside-toplevel
+    plots.plot_roc(ood_metrics.ood_roc_curves(in_scores, ood_scores, seed=seed), os.path.join(out_dir, ROC_PNG),
+                   title=f"{in_name}: OOD = positive (S={iw_samples}, S_k={iw_samples_k})")
+    plots.plot_histograms({k: scores[in_name][k] for k in order},
+                          {n: {k: scores[n][k] for k in order} for n in ood_names + [sanity_name]},
+                          os.path.join(out_dir, HIST_PNG), in_label=in_name, score_order=order)
+    for png in (ROC_PNG, HIST_PNG):
+      _chmod_default(os.path.join(out_dir, png))
+    settings = {"split": split, "S": iw_samples, "S_k": iw_samples_k, "k": ",".join(map(str, ks)),
+                "examples": ", ".join(f"{n} {v}" for n, v in results["n_examples_by_dataset"].items()),
+                "batch": batch_size, "seed": seed, "devices": mesh.devices.size,
+                "parameters": "EMA" if use_ema else "raw"}
+    results["wall_seconds"] = float(time.perf_counter() - t_start)
+    md = _markdown(results, table, order, settings)
+    _atomic_write(os.path.join(out_dir, RESULTS_MD), lambda f: f.write(md))
+    results["wall_seconds"] = float(time.perf_counter() - t_start)
+    _atomic_write(os.path.join(out_dir, RESULTS_JSON), lambda f: json.dump(results, f, indent=1))
+    print(ood_metrics.format_markdown_table(table, score_order=order), end="")
+    print("bits/dim: " + ", ".join(f"{n} {v:.4f}" for n, v in results["bits_per_dim"].items()))
+    print(f"throughput: {images_per_sec:.1f} images/s ({images} images in {scoring_seconds:.1f} s after "
+          f"{compile_seconds:.1f} s compile); wall {results['wall_seconds']:.1f} s; outputs in {out_dir}",
+          flush=True)
+  else:
+    results["wall_seconds"] = float(time.perf_counter() - t_start)
+  return results

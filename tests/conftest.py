@@ -1,0 +1,45 @@
+"""Shared pytest fixtures."""
+
+import os
+import pathlib
+
+import pytest
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# Offline IDX sources (see ../shared/data/README.md); overridable by env vars.
+FASHION_MNIST_SRC = os.environ.get('HVAEOOD_FASHION_MNIST_SRC',
+                                   '/usr/share/datasets/fashion-mnist')
+MNIST_SRC = os.environ.get('HVAEOOD_MNIST_SRC',
+                           str(_REPO.parent / 'shared' / 'data' / 'mnist'))
+_NEEDED = [
+    os.path.join(FASHION_MNIST_SRC, f)
+    for f in ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+              't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
+] + [os.path.join(MNIST_SRC, f)
+     for f in ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')]
+
+
+@pytest.fixture(scope='session')
+def idx_source_dirs() -> dict:
+  """Directories of the offline IDX files, by TFDS name."""
+  return {'fashion_mnist': FASHION_MNIST_SRC, 'mnist': MNIST_SRC}
+
+
+@pytest.fixture(scope='session')
+def tfds_data_dir(tmp_path_factory) -> str:
+  """TFDS data_dir with real FashionMNIST (train+test) and MNIST (test).
+
+  Imported once per session with `hvaeood.data_import`; set
+  HVAEOOD_TEST_DATA_DIR to keep the import between sessions.
+  """
+  missing = [p for p in _NEEDED if not os.path.isfile(p)]
+  if missing:
+    pytest.skip(f'offline IDX files not found: {missing} (FashionMNIST: apt '
+                'package dataset-fashion-mnist; MNIST test: ../shared/data/'
+                'mnist; or set HVAEOOD_FASHION_MNIST_SRC / HVAEOOD_MNIST_SRC)')
+  from hvaeood import data_import  # pylint: disable=g-import-not-at-top
+  data_dir = (os.environ.get('HVAEOOD_TEST_DATA_DIR') or
+              str(tmp_path_factory.mktemp('tfds_data')))
+  data_import.import_idx('fashion_mnist', FASHION_MNIST_SRC, data_dir)
+  data_import.import_idx('mnist', MNIST_SRC, data_dir)
+  return data_dir
