@@ -9,41 +9,143 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import ml_collections
 
 
+PREPROCESSING_KINDS = ('binarize', 'dequantize', 'bin_centre', 'quantize')
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+  """What the pipeline needs to know about a dataset.
+
+  Attributes:
+    name: our name (registry key).
+    tfds_name: TFDS builder name.
+    splits: our split name -> TFDS split name. Other names are passed to TFDS
+      unchanged (e.g. omniglot 'small1').
+    shape: (H, W, C) of the images the pipeline outputs.
+    grayscale: whether the images are single-intensity (C == 1, or grey
+      replicated to 3 channels).
+    preprocessing: default preprocessing kind (SPEC 4 / README configs).
+    source_transform: applied to the decoded uint8 image before caching:
+      None, 'omniglot28' or 'omniglot28_inverted'.
+    colour_transform: applied to intensities in [0, 1]: None or 'luminance'.
+    idx_source: default directory of IDX files for `hvaeood.data_import`
+      (only for datasets that can be imported offline).
+  """
+  name: str
   tfds_name: str
-  image_shape: tuple[int, int, int]
-  natural: bool  # natural images (dequantised) vs grayscale binary-friendly
+  splits: Mapping[str, str]
+  shape: tuple[int, int, int]
+  grayscale: bool
+  preprocessing: str
+  source_transform: str | None = None
+  colour_transform: str | None = None
+  idx_source: str | None = None
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.shape
 
 
-DATASETS = {
-    "fashion_mnist": DatasetInfo("fashion_mnist", (28, 28, 1), False),
-    "mnist": DatasetInfo("mnist", (28, 28, 1), False),
-    "kmnist": DatasetInfo("kmnist", (28, 28, 1), False),
-    "omniglot": DatasetInfo("omniglot", (28, 28, 1), False),
-    "cifar10": DatasetInfo("cifar10", (32, 32, 3), True),
-    "svhn_cropped": DatasetInfo("svhn_cropped", (32, 32, 3), True),
-    "cifar10_grey": DatasetInfo("cifar10", (32, 32, 1), True),
+# 'validation' follows the reference (SPEC 4): the official test set, except
+# for SVHN where it is the 'extra' split.
+_TRAIN_TEST = {'train': 'train', 'test': 'test', 'validation': 'test'}
+
+DATASETS: dict[str, DatasetInfo] = {
+    'fashion_mnist': DatasetInfo(
+        'fashion_mnist', 'fashion_mnist', _TRAIN_TEST, (28, 28, 1), True,
+        'binarize', idx_source='/usr/share/datasets/fashion-mnist'),
+    'mnist': DatasetInfo(
+        'mnist', 'mnist', _TRAIN_TEST, (28, 28, 1), True, 'binarize',
+        idx_source=os.path.join(os.path.dirname(_REPO_ROOT), 'shared', 'data',
+                                'mnist')),
+    'kmnist': DatasetInfo(
+        'kmnist', 'kmnist', _TRAIN_TEST, (28, 28, 1), True, 'binarize'),
+    # TFDS omniglot: train = 'background' set, test = 'evaluation' set, 105x105
+    # RGB with identical channels, dark strokes on a white background (as in
+    # the reference's non-inverted Omniglot28x28). Resized with nearest.
+    'omniglot': DatasetInfo(
+        'omniglot', 'omniglot', _TRAIN_TEST, (28, 28, 1), True, 'binarize',
+        source_transform='omniglot28'),
+    # White strokes on black, like MNIST (reference Omniglot28x28Inverted).
+    'omniglot_inverted': DatasetInfo(
+        'omniglot_inverted', 'omniglot', _TRAIN_TEST, (28, 28, 1), True,
+        'binarize', source_transform='omniglot28_inverted'),
+    'cifar10': DatasetInfo(
+        'cifar10', 'cifar10', _TRAIN_TEST, (32, 32, 3), False, 'dequantize'),
+    'svhn_cropped': DatasetInfo(
+        'svhn_cropped', 'svhn_cropped',
+        {'train': 'train', 'test': 'test', 'extra': 'extra',
+         'validation': 'extra'}, (32, 32, 3), False, 'dequantize'),
+    # CIFAR10 as luminance, for grayscale models: one channel.
+    'cifar10_grey': DatasetInfo(
+        'cifar10_grey', 'cifar10', _TRAIN_TEST, (32, 32, 1), True,
+        'dequantize', colour_transform='luminance'),
+    # The reference's CIFAR10DequantizedGrey: luminance replicated to 3
+    # channels, an OOD set for RGB CIFAR models.
+    'cifar10_grey3': DatasetInfo(
+        'cifar10_grey3', 'cifar10', _TRAIN_TEST, (32, 32, 3), True,
+        'dequantize', colour_transform='luminance'),
 }
-ALIASES = {"svhn": "svhn_cropped", "fmnist": "fashion_mnist", "cifar10_gray": "cifar10_grey"}
-PREPROCESSINGS = ("binarize", "dequantize", "bin_centre", "quantize")
+
+ALIASES = {'svhn': 'svhn_cropped', 'fmnist': 'fashion_mnist',
+           'cifar10_gray': 'cifar10_grey'}
+
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+  """Returns the registry entry of `name` (aliases allowed).
+
+  Raises:
+    ValueError: unknown name; the message lists the known names.
+  """
+  key = ALIASES.get(name, name)
+  if key not in DATASETS:
+    known = sorted(list(DATASETS) + list(ALIASES))
+    raise ValueError(
+        f'Unknown dataset {name!r}. Known datasets: {", ".join(known)}.')
+  return DATASETS[key]
+
+
+def check_image_shape(name: str, target_shape: Sequence[int]) -> None:
+  """Raises a ValueError with a fix if dataset `name` does not fit the model.
+
+  Args:
+    name: dataset name.
+    target_shape: the model's input shape (H, W, C).
+  """
+  info = get_dataset_info(name)
+  target = tuple(int(d) for d in target_shape)
+  if info.shape == target:
+    return
+  fits = [n for n, d in DATASETS.items() if d.shape == target]
+  hint = []
+  if info.shape[:2] == target[:2] and info.shape[2] == 3 and target[2] == 1:
+    greys = [n for n in fits if DATASETS[n].tfds_name == info.tfds_name]
+    if greys:
+      hint.append(f'use {greys[0]!r} for grayscale models')
+  if info.shape[2] == 1 and target[2] == 3:
+    hint.append('grayscale images are not converted to 3 channels silently; '
+                'evaluate with a grayscale model')
+  hint.append('datasets with shape {}: {}'.format(
+      target, ', '.join(fits) if fits else 'none'))
+  raise ValueError(
+      f'Dataset {info.name!r} has images of shape {info.shape} (H, W, C) but '
+      f'the model expects {target}. Fix: ' + '; '.join(hint) + '.')
 
 
 def canonical(name: str) -> str:
-  name = ALIASES.get(name, name)
-  if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATASETS))} "
-                     f"(aliases: {', '.join(f'{a}={b}' for a, b in sorted(ALIASES.items()))}).")
-  return name
+  """The registry key of `name` (aliases resolved); ValueError listing the known names otherwise."""
+  return get_dataset_info(name).name
 
 
 def image_shape(name: str) -> tuple[int, int, int]:
-  return DATASETS[canonical(name)].image_shape
+  return get_dataset_info(name).shape
 
 
 def eval_preprocessing(config: ml_collections.ConfigDict, name: str) -> str:
@@ -54,7 +156,7 @@ def eval_preprocessing(config: ml_collections.ConfigDict, name: str) -> str:
 
 def is_available(name: str, data_dir: Optional[str]) -> bool:
   """True if the dataset is prepared in `data_dir` (or the default tfds dir); never touches the network."""
-  info = DATASETS[canonical(name)]
+  info = get_dataset_info(name)
   root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
   return os.path.isdir(os.path.join(root, info.tfds_name))
 
@@ -62,8 +164,8 @@ def is_available(name: str, data_dir: Optional[str]) -> bool:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Clear errors for config values that would otherwise fail deep inside JAX or tf.data."""
   canonical(config.data.name)
-  if config.data.preprocessing not in PREPROCESSINGS:
-    raise ValueError(f"config.data.preprocessing={config.data.preprocessing!r} is not one of {PREPROCESSINGS}.")
+  if config.data.preprocessing not in PREPROCESSING_KINDS:
+    raise ValueError(f"config.data.preprocessing={config.data.preprocessing!r} is not one of {PREPROCESSING_KINDS}.")
   if config.model.likelihood == "bernoulli" and config.data.preprocessing != "binarize":
     raise ValueError("A Bernoulli likelihood needs binary data: set --config.data.preprocessing=binarize.")
   for name in config.eval.ood_datasets:

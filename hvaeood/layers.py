@@ -14,6 +14,7 @@ variance keep `g = 1` instead of the reference's 1e4.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -94,9 +95,10 @@ class _WeightNormBase(nn.Module):
 # built from the folded weight w by pads, reshapes, transposes and flips only (a static gather), so the stored
 # parameters are the same for both paths and their results agree to float rounding.
 
-FAST_CONV = True
-"""Default for `WNConv.fast` (None): use the sub-pixel / space-to-depth fast paths. Set False to run the plain
-lax.conv_general_dilated / lax.conv_transpose path everywhere (reference for the equivalence tests)."""
+FAST_CONV = os.environ.get("HVAEOOD_FAST_CONV", "1") != "0"
+"""Default for `WNConv.fast` (None): use the stride-1 fast paths. Set False (or the environment variable
+HVAEOOD_FAST_CONV=0 before import) to run the plain lax.conv_general_dilated / lax.conv_transpose path
+everywhere (the reference of the equivalence tests and of benchmarks/README.md's "before" figures)."""
 
 
 def conv_plain(x: Array, w: Array, stride: int, pads) -> Array:

@@ -234,50 +234,65 @@ def _grid_total(params_px, nr_mix):
   """Sum over all 256^3 bin-centre colours of exp(log p) for ONE pixel's params (chunked over R)."""
   k = np.arange(256, dtype=np.float32) / 255.0
   gb = np.stack(np.meshgrid(k, k, indexing="ij"), axis=-1)  # [256 G, 256 B, 2]
-  p = jnp.broadcast_to(jnp.asarray(params_px), (8, 256, 256, params_px.shape[-1]))
+  p = jnp.broadcast_to(jnp.asarray(params_px), (16, 256, 256, params_px.shape[-1]))
 
   @jax.jit
   def chunk_sum(r_vals):
-    r = jnp.broadcast_to(r_vals[:, None, None, None], (8, 256, 256, 1))
-    x = jnp.concatenate([r, jnp.broadcast_to(jnp.asarray(gb), (8, 256, 256, 2))], axis=-1)
+    r = jnp.broadcast_to(r_vals[:, None, None, None], (16, 256, 256, 1))
+    x = jnp.concatenate([r, jnp.broadcast_to(jnp.asarray(gb), (16, 256, 256, 2))], axis=-1)
     return jnp.sum(jnp.exp(D.dlm_log_prob(x, p, nr_mix, per_pixel=True)), axis=(1, 2))
 
-  return sum(float(np.sum(_f64(chunk_sum(jnp.asarray(k[i:i + 8]))))) for i in range(0, 256, 8))
+  return sum(float(np.sum(_f64(chunk_sum(jnp.asarray(k[i:i + 16]))))) for i in range(0, 256, 16))
 
 
-@pytest.mark.parametrize("nr_mix,seed", [(10, 6), (1, 7)])
-def test_dlm_normalises_over_all_bin_centres(nr_mix, seed):
-  """Sum over all 256^3 (R, G, B) bin centres of p(x) is 1 for any parameters (the colour coupling does not
-  change this: each conditional telescopes over its 256 bins)."""
-  params = _random_dlm(seed, (1,), nr_mix)[0]
-  # keep the scales wide enough that the fallback branch (pdf * bin width) is not the main mass
-  rest = params[nr_mix:].reshape(3, 3 * nr_mix)
-  rest[:, nr_mix:2 * nr_mix] = np.random.RandomState(seed).uniform(-5.0, -1.0, (3, nr_mix))
-  params[nr_mix:] = rest.reshape(-1)
-  total = _grid_total(params, nr_mix)
+def test_dlm_normalises_over_all_bin_centres_with_colour_coupling():
+  """Sum over all 256^3 (R, G, B) bin centres of p(x) is 1 with non-zero colour coefficients: each conditional
+  telescopes over its 256 bins whatever its (autoregressive) mean. One component keeps this at 16.7M
+  evaluations; the mixture's normalisation is checked per colour below."""
+  params = _random_dlm(7, (1,), 1)[0]
+  rest = params[1:].reshape(3, 3)
+  rest[:, 1] = [-2.0, -3.5, -1.5]  # log-scales: wide enough that the pdf fallback is not the main mass
+  rest[:, 2] = [0.8, -1.1, 0.6]    # coefficients -> tanh = 0.66, -0.80, 0.54
+  params[1:] = rest.reshape(-1)
+  total = _grid_total(params, 1)
   assert abs(total - 1.0) < 1e-4, total
 
 
-def test_dlm_single_colour_marginal_normalises():
-  """With the coefficients at 0 (tanh 0 = 0) and one component, colours are independent: summing over R for
-  fixed G, B gives exactly p(G) p(B), computed here in numpy."""
-  params = _random_dlm(8, (1,), 1)[0]
-  rest = params[1:].reshape(3, 3)
-  rest[:, 2] = 0.0
-  rest[:, 1] = [-3.0, -2.0, -4.0]
-  params[1:] = rest.reshape(-1)
-  k = np.arange(256, dtype=np.float32) / 255.0
-  x = np.stack([k, np.full(256, 0.4, np.float32), np.full(256, 0.6, np.float32)], axis=-1)[None, :, None, :]
-  p = np.broadcast_to(params, (1, 256, 1, 10)).copy()
-  got = np.exp(_f64(D.dlm_log_prob(jnp.asarray(x), jnp.asarray(p), 1, per_pixel=True))).sum()
-  # p(G) p(B) from the logistic CDF in float64
-  def bin_mass(xv, mu, ls):
-    xv = 2 * xv - 1
-    s = math.exp(ls)
-    return special.expit((xv - mu + 1 / 255) / s) - special.expit((xv - mu - 1 / 255) / s)
-  want = bin_mass(np.float64(np.float32(0.4)), rest[1, 0], rest[1, 1]) * bin_mass(np.float64(np.float32(0.6)),
-                                                                                     rest[2, 0], rest[2, 1])
-  assert got == pytest.approx(want, rel=1e-4)
+def _logistic_bin_mass(x01, mu, log_s):
+  """Mass of the interior bin centred on x01 (mapped to [-1, 1]) under a logistic(mu, e^log_s), float64."""
+  x = 2.0 * np.float64(x01) - 1.0
+  s = math.exp(log_s)
+  return special.expit((x - mu + 1 / 255) / s) - special.expit((x - mu - 1 / 255) / s)
+
+
+@pytest.mark.parametrize("colour", [0, 1, 2])
+def test_dlm_mixture_normalises_per_colour(colour):
+  """10 components differ only in one colour; the other two colours share their parameters across components
+  and the coefficients are 0, so p(r, g, b) = p_mix(x_c) * p(x_o1) * p(x_o2). Summing the library's
+  probabilities over the 256 values of colour c and dividing by the other colours' float64 bin masses gives
+  the mixture's total mass, which must be 1."""
+  M = 10
+  rs = np.random.RandomState(11 + colour)
+  logits = 2.0 * rs.randn(M)
+  means = np.zeros((3, M))
+  log_s = np.zeros((3, M))
+  means[colour] = rs.uniform(-1.1, 1.1, M)         # components near and beyond the edges
+  log_s[colour] = rs.uniform(-6.0, -0.5, M)
+  others = [c for c in range(3) if c != colour]
+  fixed = {others[0]: (0.2, -0.3, -2.0), others[1]: (0.7, 0.5, -2.5)}  # value, mean, log-scale
+  for c, (_, mu, ls) in fixed.items():
+    means[c], log_s[c] = mu, ls
+  coef = np.zeros((3, M))
+  params = np.concatenate([logits, np.concatenate([means, log_s, coef], axis=-1).reshape(-1)]).astype(np.float32)
+  x = np.zeros((1, 256, 1, 3), np.float32)
+  x[0, :, 0, colour] = np.arange(256) / 255.0
+  for c, (v, _, _) in fixed.items():
+    x[..., c] = v
+  lp = D.dlm_log_prob(jnp.asarray(x), jnp.broadcast_to(jnp.asarray(params), (1, 256, 1, 10 * M)), M,
+                      per_pixel=True)
+  total = np.exp(_f64(lp)).sum()
+  other_mass = np.prod([_logistic_bin_mass(np.float32(v), mu, ls) for v, mu, ls in fixed.values()])
+  assert total / other_mass == pytest.approx(1.0, abs=1e-4)
 
 
 def test_dlm_sample_in_unit_interval():
