@@ -342,6 +342,10 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
     ValueError, CheckpointError, FileNotFoundError: user errors (bad flags, paths, datasets, shapes).
   """
   t_start = time.perf_counter()
+  if isinstance(ood, str):
+    ood = [s for s in ood.split(",") if s.strip()]
+  if isinstance(ks, str):
+    ks = [s for s in ks.split(",") if s.strip()]
   _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split)
   if not checkpoint:
     raise ValueError("--checkpoint is required: a training workdir or one of its checkpoint step directories.")

@@ -77,7 +77,8 @@ def _markdown_rows(md: str) -> tuple[list[str], dict[str, list[str]]]:
   rows = {}
   for l in lines[1:]:
     cells = [c.strip() for c in l.strip("|").split("|")]
-    rows[cells[0]] = cells[1:]
+    if not set(cells[0]) <= set("-:"):  # not the alignment row
+      rows[cells[0]] = cells[1:]
   return header, rows
 
 
@@ -178,15 +179,16 @@ def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_da
   assert not np.allclose(scores["fashion_mnist/ELBO"], scores["fashion_mnist (sanity)/ELBO"])
 
 
-def test_chunked_importance_weighting_follows_the_documented_row_layout():
+def test_chunked_importance_weighting_follows_the_documented_row_layout(workdir, tfds_data_dir):
   """S = 2, ks = (0, 1, 2), 8 examples, max_rows = 16: two replicas per chunk. The rows [0, 0 | 0, 1 | 2, pad]
   (skip counts) are evaluated in chunks c = 0, 1, 2 with key fold_in(key, c); the IW ELBO is the log-mean-exp
   of chunk 0's two rows, log_px/kl their mean, and L>k the single rows that follow."""
-  from configs import fashion_mnist_hvae  # pylint: disable=import-outside-toplevel
-  from hvaeood.models import init_params  # pylint: disable=import-outside-toplevel
-  model = train.model_for_config(fashion_mnist_hvae.get_config("tiny"))
-  x = jnp.asarray((np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
-  params = init_params(model, jax.random.PRNGKey(0), x)
+  from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+  loaded = ckpt.load_for_eval(workdir)
+  model, params = train.model_for_config(loaded.config), loaded.params
+  it, _ = input_pipeline.create_eval_dataset("fashion_mnist", "test", preprocessing="binarize", batch_size=8,
+                                             seed=3, max_examples=8, data_dir=tfds_data_dir)
+  x = jnp.asarray(next(iter(it))["image"])
   fn = ev.make_bounds_fn(model, train.make_mesh(), iw_samples=2, iw_samples_k=1, ks=(0, 1, 2), max_rows=16)
   key = jax.random.PRNGKey(7)
   got = jax.device_get(fn(params, x, np.asarray(key)))
@@ -218,7 +220,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     params = init_params(model, jax.random.PRNGKey(0), x)
     mesh = train.make_mesh()
     res = {}
-    for s in (1, 10, 1000):
+    for s in (10, 1000):
       fn = ev.make_bounds_fn(model, mesh, iw_samples=s, iw_samples_k=1, ks=(0, 1, 2), max_rows=int(sys.argv[1]))
       b = jax.device_get(fn(params, x, np.asarray(jax.random.PRNGKey(s))))
       res[s] = {"peak_mb": peak_mb(), "elbo": b.elbo.tolist(), "mean_single": (b.log_px - b.kl.sum(0)).tolist()}
@@ -229,8 +231,8 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def test_iw_1000_samples_run_in_bounded_memory():
   """S = 1000 on 8 examples with max_rows = 256 (32 replicas per chunk). Memory is O(max_rows), not O(S): the
   peak RSS may grow only a little from S = 10 to S = 1000 (evaluating all 8024 rows at once adds ~1 GB here).
-  The IW ELBO is >= the mean of its own single-sample ELBOs (Jensen, per example) and, on average, >= a
-  separate single-sample ELBO."""
+  The IW ELBO is >= the mean of its own single-sample ELBOs (Jensen, per example) and, on average, >= the
+  single-sample ELBO estimated from a separate run's samples (S = 10)."""
   proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, "256"], cwd=REPO, env=_env(), capture_output=True,
                         text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]
@@ -240,7 +242,7 @@ def test_iw_1000_samples_run_in_bounded_memory():
   iw, single = np.array(res[1000]["elbo"]), np.array(res[1000]["mean_single"])
   assert np.all(np.isfinite(iw))
   assert np.all(iw >= single - 1e-3 * np.abs(single))
-  assert iw.mean() >= np.mean(res[1]["elbo"])
+  assert iw.mean() >= np.mean(res[10]["mean_single"])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,201 @@
+"""Data parallelism: 4 fake CPU devices against 1, and a 2-process run on localhost with the gloo collectives.
+
+Both run in subprocesses (the device count and `jax.distributed` are fixed at JAX start-up). The tests share a
+persistent compilation cache with test_train (see helpers_train) so the tiny programs compile once per session.
+"""
+
+import json
+import os
+import pickle
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import helpers_train as H
+from hvaeood import train
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _cache():
+  with H.compilation_cache() as d:
+    yield d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4 fake devices == 1 device
+
+_SHARDED_STEPS = """
+import os, pickle, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import helpers_train as H
+from hvaeood import train
+inp, out = sys.argv[1], sys.argv[2]
+with open(inp, 'rb') as f:
+  d = pickle.load(f)
+assert jax.device_count() == d['devices'], jax.devices()
+config = H.tiny_config(d['data_dir'])
+model = train.model_for_config(config)
+mesh = Mesh(np.array(jax.devices()), ('data',))
+rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+step = jax.jit(train.make_train_step(config, model, d['spe']), in_shardings=(rep, data),
+               out_shardings=(rep, rep), donate_argnums=(0,))
+state = jax.device_put(d['state'], rep)
+results = []
+for batch in d['batches']:
+  x = train.to_global(batch, data)
+  assert len(x.sharding.device_set) == d['devices']
+  state, metrics = step(state, x)
+  results.append((H.state_to_host(state), H.state_to_host(metrics)))
+with open(out, 'wb') as f:
+  pickle.dump(results, f)
+"""
+
+
+def _steps_on_this_process(config, state0, batches, spe, devices):
+  mesh = Mesh(np.array(devices), ('data',))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  model = train.model_for_config(config)
+  step = jax.jit(train.make_train_step(config, model, spe), in_shardings=(rep, data),
+                 out_shardings=(rep, rep), donate_argnums=(0,))
+  state = jax.device_put(state0, rep)
+  results = []
+  for batch in batches:
+    state, metrics = step(state, train.to_global(batch, data))
+    results.append((H.state_to_host(state), H.state_to_host(metrics)))
+  return results
+
+
+def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
+  """The jitted step with the batch sharded over 4 devices gives the 1-device loss, gradients and updates.
+
+  Two steps from the same state on the same two real batches. After Adam's first step mu = (1 - b1) * grad
+  exactly, so comparing the optimiser state compares the gradients themselves (the parameter update of a first
+  Adam step is ~lr * sign(grad) and would hide a scaled gradient).
+  """
+  from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+  config = H.tiny_config(tfds_data_dir)
+  spe = input_pipeline.steps_per_epoch(config)
+  it = input_pipeline.create_train_iterator(config, seed=config.seed)
+  batches = [next(it)['image'] for _ in range(2)]
+  model = train.model_for_config(config)
+  state0 = H.state_to_host(jax.jit(lambda b: train.create_train_state(config, model, b))(batches[0]))
+
+  inp, out = tmp_path / 'in.pkl', tmp_path / 'out.pkl'
+  with open(inp, 'wb') as f:
+    pickle.dump({'state': state0, 'batches': batches, 'spe': spe, 'devices': 4, 'data_dir': tfds_data_dir}, f)
+  proc = H.start_python(_SHARDED_STEPS.replace('sys.argv[1], sys.argv[2]', f'{str(inp)!r}, {str(out)!r}'),
+                        XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  try:
+    one = _steps_on_this_process(config, state0, batches, spe, jax.devices()[:1])
+    log, _ = proc.communicate(timeout=400)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, log[-6000:]
+  with open(out, 'rb') as f:
+    four = pickle.load(f)
+
+  for i, ((s1, m1), (s4, m4)) in enumerate(zip(one, four)):
+    assert int(m1['skipped_update']) == 0 and int(m4['skipped_update']) == 0
+    np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-5, err_msg=f'loss of step {i + 1}')
+    for k in m1:
+      np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=f'metric {k} of step {i + 1}')
+    mu1, mu4 = s1.opt_state[0].mu, s4.opt_state[0].mu
+    gmax = max(float(np.max(np.abs(x))) for x in jax.tree_util.tree_leaves(mu1))
+    H.tree_allclose(mu4, mu1, rtol=1e-4, atol=1e-6 * gmax, what=f'Adam mu (gradients) after step {i + 1}')
+    H.tree_allclose(s4.params, s1.params, rtol=1e-5, atol=1e-6, what=f'params after step {i + 1}')
+    assert int(s4.step) == int(s1.step) == i + 1
+  # The steps did something: the parameters moved and the gradients are not zero.
+  assert gmax > 0
+  moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree_util.tree_leaves(one[-1][0].params),
+                                                  jax.tree_util.tree_leaves(state0.params))]
+  assert max(moved) > 1e-4
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+  mesh = Mesh(np.array(jax.devices() * 1), ('data',))
+  train.check_batch(16, mesh)
+
+  class FakeMesh:
+    class devices:  # pylint: disable=invalid-name
+      size = 3
+  with pytest.raises(ValueError, match='does not divide over 3 devices'):
+    train.check_batch(16, FakeMesh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2 processes on localhost
+
+_PROCESS = """
+import json, os, sys
+import jax
+pid, port, workdir, data_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=pid,
+                           initialization_timeout=120)
+import helpers_train as H
+from hvaeood import train
+assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1
+config = H.tiny_config(data_dir, num_steps=4, checkpoint_every=2)
+summary = train.train_and_evaluate(config, workdir)
+print('SUMMARY ' + json.dumps(summary), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def _summary(log: str) -> dict:
+  lines = [l for l in log.splitlines() if l.startswith('SUMMARY ')]
+  assert lines, log[-6000:]
+  return json.loads(lines[-1][len('SUMMARY '):])
+
+
+def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
+  workdir = tmp_path / 'wd'
+  port = H.free_port()
+  procs, logs = [], []
+  for pid in range(2):
+    log = tmp_path / f'process_{pid}.log'
+    code = _PROCESS.replace('int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]',
+                            f'{pid}, {port}, {str(workdir)!r}, {tfds_data_dir!r}')
+    procs.append(H.start_python(code, log_path=log))
+    logs.append(log)
+  deadline = time.time() + 480
+  try:
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.time()))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  texts = [l.read_text() for l in logs]
+  for pid, (p, text) in enumerate(zip(procs, texts)):
+    if p.returncode != 0 and 'gloo' in text.lower() and 'not' in text.lower() and 'SUMMARY' not in text:
+      pass
+    assert p.returncode == 0, f'process {pid} exited with {p.returncode}:\n{text[-8000:]}'
+  s0, s1 = _summary(texts[0]), _summary(texts[1])
+  assert s0['step'] == s1['step'] == 4
+  assert s0['stop_reason'] == s1['stop_reason'] == 'completed'
+  # Every process computes the same replicated loss and evaluation.
+  for k in ('train_loss', 'train_elbo', 'train_grad_norm', 'eval_elbo'):
+    assert np.isfinite(s0[k]), k
+    assert s0[k] == s1[k], (k, s0[k], s1[k])
+  # Checkpoints: written once (one directory per step, no temporaries), the lock released, one metrics log.
+  ckpts = sorted(os.listdir(workdir / 'checkpoints'))
+  assert ckpts == ['2', '4'], ckpts
+  assert os.listdir(workdir / 'best') == ['4']
+  assert (workdir / 'config.json').is_file() and (workdir / 'summary.json').is_file()
+  assert not (workdir / '.lock').exists()
+  rows = H.train_rows(workdir)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  assert rows[-1]['train_loss'] == s0['train_loss']
+  # The checkpoint restores to the state both processes ended with (its step and finite parameters).
+  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
+  loaded = ckpt.load_for_eval(str(workdir))
+  assert loaded.step == 4
