@@ -1,11 +1,14 @@
 """Trains a hierarchical VAE: `python train.py --config configs/fashion_mnist_hvae.py[:VARIANT] --workdir DIR`.
 
 Config fields can be overridden on the command line, e.g. `--config.optim.lr=1e-3`. A run resumes from the
-workdir's latest checkpoint automatically.
+workdir's latest checkpoint automatically. User errors (a flag or config field that does not exist, an unwritable
+workdir, a workdir in use by another run, ...) print one `error: ...` line and exit with status 2.
 """
 
 import logging
+import os
 import sys
+import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -16,15 +19,38 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _check_workdir(workdir: str) -> None:
+  """Creates the workdir if needed and proves it writable; a ValueError naming the fix otherwise."""
+  if not workdir:
+    raise ValueError("--workdir is empty: pass the directory for checkpoints, logs and images, e.g. "
+                     "--workdir runs/fmnist.")
+  path = os.path.abspath(workdir)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"Workdir {path} is not writable ({e.strerror or type(e).__name__}). Pass a writable "
+                     "--workdir.") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from hvaeood import cli  # pylint: disable=import-outside-toplevel
-  cli.run_guarded(lambda: __import__("hvaeood.train", fromlist=["train"]).train_and_evaluate(
-      _CONFIG.value, _WORKDIR.value))
+
+  def run():
+    cli.check_config_loaded(_CONFIG.value, cli.flag_value(sys.argv, "config"))
+    _check_workdir(_WORKDIR.value)
+    from hvaeood import train  # pylint: disable=import-outside-toplevel
+    return train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+  cli.run_guarded(run)
 
 
 if __name__ == "__main__":
+  from hvaeood import cli as _cli  # pylint: disable=g-import-not-at-top
   from hvaeood.logging_utils import quiet_library_logs  # pylint: disable=g-import-not-at-top
   quiet_library_logs()
-  app.run(main)
+  app.run(main, flags_parser=_cli.flags_parser)

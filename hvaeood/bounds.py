@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -141,14 +141,14 @@ def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = 
   """Sum over layers and elements of max(KL_elem, lambda / n_l) per example (SPEC 3).
 
   Args:
-    kl_elem: per layer, elementwise KL [..., B, *latent_shape] (the model's `Output.kl_elem`).
+    kl_elem: per layer, elementwise KL [R, B, *latent_shape] (the model's `Output.kl_elem`).
     free_nats: lambda, the free-nats budget per layer (a scalar, may be traced).
     granularity: "per_layer_total": n_l = the layer's element count, so lambda nats per layer (the paper);
       "per_channel": n_l = channels (conv) or dims (dense), the reference HEAD's floor of lambda per
       spatial position.
 
   Returns:
-    [..., B] the floored KL summed over layers.
+    [R, B] the floored KL summed over layers.
   """
   total = 0.0
   for kl in kl_elem:

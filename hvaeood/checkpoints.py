@@ -15,14 +15,18 @@ refuses it with a clear error.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
 import logging
 import os
 import socket
+import time
 from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -42,34 +46,124 @@ def make_manager(directory: str, keep: int, read_only: bool = False) -> ocp.Chec
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
 
+def _host_value(x) -> Optional[np.ndarray]:
+  """The full value of a leaf on this host, or None when this process holds only part of it."""
+  if isinstance(x, jax.Array):
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return None
+  return np.asarray(x)
+
+
+def state_digest(state: Any) -> Optional[str]:
+  """SHA-256 over every leaf's path, dtype, shape and bytes; None if some leaf is not fully on this host.
+
+  Stored in each checkpoint's meta (`state_sha256`) and verified on restore, so that a checkpoint whose files
+  were garbled (bit rot, a partial copy) is refused instead of loading as a silently wrong model.
+  """
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    value = _host_value(leaf)
+    if value is None:
+      return None
+    value = np.ascontiguousarray(value)
+    h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
+    h.update(value.tobytes())
+  return h.hexdigest()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Saves `state` (a pytree of arrays) and `meta` (JSON-serialisable) as checkpoint `step`."""
+  """Saves `state` (a pytree of arrays) and `meta` (JSON-serialisable) as checkpoint `step`.
+
+  The meta item also gets `state_sha256`, the checksum `restore` verifies.
+  """
+  meta = dict(meta)
+  digest = state_digest(state)
+  if digest is not None:
+    meta["state_sha256"] = digest
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                force=True)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
-  """Restores (state, meta) of `step`, placing arrays as `abstract_state` (ShapeDtypeStructs with shardings)."""
+  """Restores (state, meta) of `step`, placing arrays as `abstract_state` (ShapeDtypeStructs with shardings).
+
+  Raises:
+    CheckpointError: the restored arrays do not match the checksum saved with them (corrupted files).
+  """
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                            meta=ocp.args.JsonRestore()))
-  return restored["state"], restored["meta"]
+  state, meta = restored["state"], restored["meta"]
+  expected = meta.get("state_sha256") if isinstance(meta, dict) else None
+  if expected is not None:
+    got = state_digest(state)
+    if got is not None and got != expected:
+      raise CheckpointError("its arrays do not match the checksum saved with them (corrupted or truncated files)")
+  return state, meta
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def _short(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any):
-  """Restores the newest checkpoint that loads; warns about and skips broken ones. None if there is none."""
-  for step in sorted(manager.all_steps(), reverse=True):
+  """Restores the newest checkpoint that loads; warns about and skips broken ones. None if there is none.
+
+  Broken checkpoints newer than the one restored are renamed to `<step>.corrupt` (kept for inspection, out of
+  the manager's way, so the resumed run can write those steps again). If checkpoints exist but none restores,
+  nothing is renamed: that is what a changed model config looks like, and a CheckpointError says so.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  broken = []
+  for step in steps:
     try:
       state, meta = restore(manager, step, abstract_state)
       _check_tree(state)
-      return step, state, meta
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Checkpoint %s/%d could not be restored (%s: %s); falling back to the previous one.",
-                      manager.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+      logging.warning("Checkpoint %s/%d could not be restored (%s); falling back to the previous one.",
+                      manager.directory, step, _short(e))
+      broken.append((step, e))
+      continue
+    if broken:
+      _quarantine(manager, [b for b, _ in broken])
+    return step, state, meta
+  if broken:
+    step, e = broken[0]
+    raise CheckpointError(
+        f"None of the {len(broken)} checkpoints in {manager.directory} can be restored for this config (newest, "
+        f"step {step}: {_short(e)}). If the model config changed, resume with the run's own config "
+        f"({CONFIG_FILE} in the workdir) or use a new --workdir; if the checkpoints are corrupted, move "
+        f"{manager.directory} away to start over.")
   return None
+
+
+def _quarantine(manager: ocp.CheckpointManager, steps) -> None:
+  """Renames broken step directories to `<step>.corrupt[.N]` (process 0) and reloads the manager's step list."""
+  directory = str(manager.directory)
+  if jax.process_index() == 0:
+    for step in steps:
+      src = os.path.join(directory, str(step))
+      dst, n = src + ".corrupt", 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.corrupt.{n}", n + 1
+      try:
+        os.rename(src, dst)
+        logging.warning("Moved the unreadable checkpoint %s to %s; training resumes from an earlier step.",
+                        src, dst)
+      except OSError as e:
+        raise CheckpointError(f"Checkpoint {src} is unreadable and could not be moved aside ({e.strerror}); "
+                              "delete it and restart.") from None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("hvaeood_checkpoint_quarantine")
+  manager.reload()
 
 
 def _check_tree(state: Any) -> None:
@@ -115,6 +209,13 @@ def _find_step_dir(path: str, which: str) -> tuple[str, int]:
                         "checkpoint step directory (a number with a state/ folder inside).")
 
 
+def _earlier_hint(directory: str, step: int) -> str:
+  earlier = sorted(int(d) for d in os.listdir(directory) if d.isdigit() and int(d) < step)
+  if earlier:
+    return f"Pass an earlier checkpoint instead, e.g. --checkpoint {os.path.join(directory, str(earlier[-1]))}."
+  return "There is no earlier checkpoint in that directory; retrain or restore the files."
+
+
 def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> LoadedCheckpoint:
   """Loads a checkpoint's config and (EMA, if present and `use_ema`) parameters onto the default device.
 
@@ -125,11 +226,12 @@ def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> Loa
   from hvaeood import train as train_lib  # pylint: disable=import-outside-toplevel
   directory, step = _find_step_dir(path, which)
   manager = make_manager(directory, keep=10**6, read_only=True)
+  hint = _earlier_hint(directory, step)
   try:
     meta = restore_meta(manager, step)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"Checkpoint {directory}/{step} is unreadable ({type(e).__name__}); it may be "
-                          "truncated or corrupted. Pass an earlier step directory.") from e
+                          f"truncated or corrupted. {hint}") from e
   if meta.get("format_version") != FORMAT_VERSION:
     raise CheckpointError(f"Checkpoint {directory}/{step} has format version {meta.get('format_version')} but "
                           f"this code reads version {FORMAT_VERSION}.")
@@ -138,17 +240,19 @@ def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> Loa
     abstract = train_lib.abstract_train_state(config)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"The config stored in {directory}/{step} does not build a model with this code "
-                          f"({type(e).__name__}: {e}).") from e
+                          f"({_short(e)}).") from e
   try:
     state, _ = restore(manager, step, abstract)
+  except CheckpointError as e:
+    raise CheckpointError(f"Checkpoint {directory}/{step} is corrupted: {e}. {hint}") from e
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"Checkpoint {directory}/{step} could not be restored against the model its config "
-                          f"builds ({type(e).__name__}: {str(e).splitlines()[0][:300]}). It is corrupted, or "
-                          "was written by an incompatible version of the code.") from e
+    raise CheckpointError(f"Checkpoint {directory}/{step} could not be restored against the model its stored "
+                          f"config builds ({_short(e)[:160]}): it is corrupted, or its config does not match this "
+                          f"code. {hint}") from e
   try:
     _check_tree(state)
   except CheckpointError as e:
-    raise CheckpointError(f"Checkpoint {directory}/{step}: {e}. Pass an earlier step directory.") from e
+    raise CheckpointError(f"Checkpoint {directory}/{step}: {e}. {hint}") from e
   params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
   return LoadedCheckpoint(config, params, step, os.path.join(directory, str(step)), meta)
 
@@ -158,23 +262,81 @@ def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> Loa
 
 
 class WorkdirLock:
-  """An exclusive lock on a workdir holding the owner's pid and host; a stale lock of a dead pid is taken over."""
+  """An exclusive lock on a workdir, naming the owner's pid and host; a stale lock of a dead process is taken over.
+
+  The lock is a `flock` on WORKDIR/.lock, which the kernel drops when its holder dies however it dies (kill -9
+  included), so taking over a stale lock is race-free: of several processes starting at once, exactly one wins.
+  The file holds "<pid> <host>" for the messages and is removed on release. On filesystems without `flock` the
+  lock falls back to O_EXCL creation plus a liveness check of the recorded pid.
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
     self.held = False
+    self._fd: Optional[int] = None
 
   def acquire(self) -> None:
+    try:
+      import fcntl  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      fcntl = None
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        if fcntl is None:
+          raise OSError(errno.ENOLCK, "flock unavailable")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(self._in_use_message(self._read_owner(wait=True))) from None
+      except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+          self._acquire_by_pid()
+          return
+        raise
+      # Locked. The file may have been removed (and recreated) by its previous holder between our open and our
+      # flock; then we hold a lock on an orphaned inode: start over.
+      try:
+        same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+      except FileNotFoundError:
+        same = False
+      if not same:
+        os.close(fd)
+        continue
+      owner = self._read_owner()
+      host = socket.gethostname()
+      if owner is not None and owner[1] != host:
+        # flock need not be shared between hosts on network filesystems: trust the recorded owner.
+        os.close(fd)
+        raise CheckpointError(
+            f"Workdir {os.path.dirname(self.path)} is locked by process {owner[0]} on host {owner[1]}. If that "
+            f"run is dead, delete {self.path}.")
+      if owner is not None and owner[0] != os.getpid():
+        logging.warning("Taking over the stale lock %s of process %d on %s, which is not running.", self.path,
+                        owner[0], owner[1])
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"{os.getpid()} {host}\n".encode(), 0)
+      os.fsync(fd)
+      self._fd = fd
+      self.held = True
+      return
+
+  def _in_use_message(self, owner: Optional[tuple[int, str]]) -> str:
+    who = f"process {owner[0]} on {owner[1]}" if owner is not None else "another process"
+    return (f"Workdir {os.path.dirname(self.path)} is in use by {who} (lock {self.path}). Stop that run or "
+            "choose another --workdir.")
+
+  def _acquire_by_pid(self) -> None:
+    """Fallback without flock: exclusive creation, taking over the file of a dead pid."""
     host = socket.gethostname()
     while True:
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
-        owner = self._read_owner()
+        owner = self._read_owner(wait=True)
         if owner is not None and owner[1] == host and _pid_alive(owner[0]) and owner[0] != os.getpid():
-          raise CheckpointError(
-              f"Workdir {os.path.dirname(self.path)} is in use by process {owner[0]} on {host} (lock "
-              f"{self.path}). Stop that run or choose another --workdir.") from None
+          raise CheckpointError(self._in_use_message(owner)) from None
         if owner is not None and owner[1] != host:
           raise CheckpointError(
               f"Workdir {os.path.dirname(self.path)} is locked by process {owner[0]} on host {owner[1]}. If that "
@@ -190,21 +352,30 @@ class WorkdirLock:
       self.held = True
       return
 
-  def _read_owner(self) -> Optional[tuple[int, str]]:
-    try:
-      with open(self.path) as f:
-        pid, host = f.read().split()[:2]
-      return int(pid), host
-    except (OSError, ValueError):
-      return None
+  def _read_owner(self, wait: bool = False) -> Optional[tuple[int, str]]:
+    """(pid, host) recorded in the lock file; with `wait`, gives a new holder up to 1 s to write it."""
+    deadline = time.time() + (1.0 if wait else 0.0)
+    while True:
+      try:
+        with open(self.path) as f:
+          pid, host = f.read().split()[:2]
+        return int(pid), host
+      except (OSError, ValueError):
+        if time.time() >= deadline:
+          return None
+        time.sleep(0.02)
 
   def release(self) -> None:
-    if self.held:
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
-      self.held = False
+    if not self.held:
+      return
+    try:
+      os.remove(self.path)  # while still locked: a waiting process then sees a different inode and retries
+    except FileNotFoundError:
+      pass
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+    self.held = False
 
 
 def _pid_alive(pid: int) -> bool:

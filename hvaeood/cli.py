@@ -1,12 +1,25 @@
-"""Shared command-line plumbing: user errors become one clear line on stderr and exit code 2."""
+"""Shared command-line plumbing: user errors become one clear line on stderr and exit code 2.
+
+* `run_guarded(fn)` runs a tool's body: user errors (bad values, paths, checkpoints, a run that cannot go on)
+  print `error: <message>` and exit with status 2; anything else is a bug and keeps its traceback.
+* `flags_parser(argv)` is an `app.run(main, flags_parser=...)` replacement for absl's default: a flag that does
+  not parse (including a `--config.<field>` override naming a field the config lacks, or a config file that does
+  not load) prints one `error: ...` line and exits with status 2 instead of a traceback or absl's status 1.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 import sys
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, KeyError)
+# Other OSErrors caused by the user's paths or disk rather than by a bug.
+USER_OS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                  errno.EEXIST, errno.EDQUOT, errno.ENAMETOOLONG)
 
 
 def user_error_types():
@@ -15,14 +28,150 @@ def user_error_types():
   return USER_ERRORS + (CheckpointError, TrainingError)
 
 
+def _fail(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _os_message(e: OSError) -> str:
+  what = e.strerror or type(e).__name__
+  where = f" ({e.filename})" if e.filename else ""
+  return f"{what}{where}. Check the path, its permissions and the free disk space."
+
+
 def run_guarded(fn: Callable[[], object]) -> object:
   """Runs `fn`; a user-caused error prints `error: <message>` and exits with status 2."""
   try:
     return fn()
   except user_error_types() as e:  # pylint: disable=catching-non-exception
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    logging.debug("user error", exc_info=True)
     if isinstance(e, KeyError):
       msg = f"unknown key {e}"
+    elif isinstance(e, OSError) and e.strerror and not str(e).startswith("[Errno"):
+      msg = str(e).strip().splitlines()[0]
+    elif isinstance(e, OSError) and e.strerror:
+      msg = _os_message(e)
+    else:
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    _fail(msg)
+  except OSError as e:
+    if e.errno not in USER_OS_ERRNOS:
+      raise
     logging.debug("user error", exc_info=True)
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    _fail(_os_message(e))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flag parsing
+
+
+def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+  """The value of `--name=V` or `--name V` in argv (the last one wins), else None."""
+  value = None
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      value = a.split("=", 1)[1]
+    elif a == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _config_overrides(argv: Sequence[str], name: str) -> list[str]:
+  out = []
+  for a in argv:
+    if a.startswith(f"--{name}.") or a.startswith(f"--no{name}."):
+      out.append(a.split("=", 1)[0].split(".", 1)[1])
+  return out
+
+
+def _load_config(spec: str):
+  """Loads `path[:variant]` like ml_collections.config_flags does; ValueError with a one-line reason."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  parts = spec.split(":", 1)
+  path = parts[0]
+  if not os.path.isfile(path):
+    raise ValueError(f"Config file {path} does not exist. Pass --config PATH[:VARIANT], e.g. "
+                     "--config configs/fashion_mnist_hvae.py:tiny.")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_hvaeood_cli_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(*parts[1:])
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"Config {spec} does not load: {_last_error_line(str(e)) or type(e).__name__}") from None
+  if not _is_config(config):
+    raise ValueError(f"Config {spec} does not load: get_config() returned {type(config).__name__}.")
+  return config
+
+
+def _is_config(obj) -> bool:
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  return isinstance(obj, (ml_collections.ConfigDict, dict))
+
+
+def _last_error_line(text: str) -> str:
+  """The `SomeError: message` line of a message that embeds a traceback (its last one), else the first line."""
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+  for line in reversed(lines):
+    m = re.match(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.*)$", line)
+    if m:
+      return m.group(2)
+  return lines[0] if lines else ""
+
+
+def _unknown_override(config, field_path: str, name: str) -> Optional[str]:
+  """A message if `field_path` names no field of `config`, else None."""
+  node, seen = config, name
+  for part in field_path.split("."):
+    keys = list(node.keys()) if _is_config(node) else None
+    if keys is None:
+      return (f"--{name}.{field_path} names no config field: {seen} is a value, not a section. Fix the name "
+              "(see configs/common.py for every field).")
+    if part not in keys:
+      return (f"--{name}.{field_path} names no config field: {seen} has no field {part!r} (its fields: "
+              f"{', '.join(sorted(keys))}). Fix the name; configs/common.py lists every field.")
+    node, seen = node[part], f"{seen}.{part}"
+  return None
+
+
+def flag_error_message(argv: Sequence[str], error: BaseException, config_flag: str = "config") -> str:
+  """One line for a flag-parsing failure: which flag, what is wrong, how to fix it."""
+  spec = flag_value(argv, config_flag)
+  overrides = _config_overrides(argv, config_flag)
+  if spec is not None and (overrides or config_flag in str(error)):
+    try:
+      config = _load_config(spec)
+    except ValueError as e:
+      return str(e)
+    for field_path in overrides:
+      msg = _unknown_override(config, field_path, config_flag)
+      if msg:
+        return msg
+  text = str(error).strip()
+  first = text.splitlines()[0] if text else type(error).__name__
+  m = re.match(r"^flag --(\w[\w.]*)=(.*?): (.*)$", first)
+  detail = _last_error_line(text)
+  if m and "must have a value other than None" in text:
+    return f"--{m.group(1)} is required. Run with --helpshort to see the flags."
+  if m:
+    reason = detail if detail and detail != first else m.group(3)
+    return f"invalid value {m.group(2)!r} for --{m.group(1)}: {reason.rstrip('.')}. Run with --helpshort to see the flags."
+  text = (detail or first).rstrip()
+  return f"{text}{'' if text.endswith('.') else '.'} Run with --helpshort to see the flags."
+
+
+def flags_parser(argv: Sequence[str]):
+  """absl `flags_parser` that turns any flag-parsing failure into `error: ...` and exit status 2."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(list(argv))
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(flag_error_message(argv, e))
+
+
+def check_config_loaded(config, spec: Optional[str]) -> None:
+  """ValueError if a `DEFINE_config_file` value is the placeholder of a config file that failed to load."""
+  if _is_config(config):
+    return
+  _load_config(spec or "")  # raises the one-line reason
+  raise ValueError(f"Config {spec} does not load (get_config() returned {type(config).__name__}).")

@@ -155,7 +155,7 @@ def score_pass(fn: Callable, params, it, sharding: NamedSharding, key: jax.Array
   pending = None
   for i, batch in enumerate(it):
     x = train_lib.to_global(np.asarray(batch["image"], np.float32), sharding)
-    result = fn(params, x, np.asarray(jax.random.fold_in(key, i)))
+    result = fn(params, x, np.asarray(jax.random.fold_in(key, i + 1)))
     masks.append(np.asarray(batch["mask"], bool))
     if pending is not None:  # fetch the previous batch while this one runs
       outs.append(jax.device_get(pending))

@@ -151,13 +151,17 @@ def state_to_host(state) -> Any:
   return jax.tree_util.tree_map(lambda x: np.array(jax.device_get(x)), state)
 
 
-def tree_allclose(a, b, *, rtol: float, atol: float = 0.0, what: str = 'tree') -> None:
-  """Asserts two pytrees have the same structure and allclose leaves; names the first mismatching leaf."""
+def tree_allclose(a, b, *, rtol: float, atol: float = 0.0, atol_frac: float = 0.0, what: str = 'tree') -> None:
+  """Asserts two pytrees have the same structure and allclose leaves; names the first mismatching leaf.
+
+  The absolute tolerance of a leaf is max(atol, atol_frac * max |leaf of b|).
+  """
   la, ta = jax.tree_util.tree_flatten_with_path(a)
   lb, tb = jax.tree_util.tree_flatten_with_path(b)
   assert ta == tb, f'{what}: different tree structures\n{ta}\n{tb}'
   for (path, x), (_, y) in zip(la, lb):
     x, y = np.asarray(x), np.asarray(y)
     assert x.shape == y.shape and x.dtype == y.dtype, (what, jax.tree_util.keystr(path), x.shape, y.shape)
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+    tol = max(atol, atol_frac * float(np.max(np.abs(y)))) if y.size else atol
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=tol,
                                err_msg=f'{what}: leaf {jax.tree_util.keystr(path)} differs')

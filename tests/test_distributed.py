@@ -104,13 +104,14 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
     np.testing.assert_allclose(m4['loss'], m1['loss'], rtol=1e-5, err_msg=f'loss of step {i + 1}')
     for k in m1:
       np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=f'metric {k} of step {i + 1}')
-    mu1, mu4 = s1.opt_state[0].mu, s4.opt_state[0].mu
-    gmax = max(float(np.max(np.abs(x))) for x in jax.tree_util.tree_leaves(mu1))
-    H.tree_allclose(mu4, mu1, rtol=1e-4, atol=1e-6 * gmax, what=f'Adam mu (gradients) after step {i + 1}')
-    H.tree_allclose(s4.params, s1.params, rtol=1e-5, atol=1e-6, what=f'params after step {i + 1}')
+    # Summation order differs over 4 shards; per leaf, differences are ~1e-6 of the leaf's largest gradient.
+    H.tree_allclose(s4.opt_state[0].mu, s1.opt_state[0].mu, rtol=1e-4, atol_frac=1e-5,
+                    what=f'Adam mu (gradients) after step {i + 1}')
+    # An update is ~lr = 3e-4 per element; allow 7% of one where Adam's ratio amplifies gradient rounding.
+    H.tree_allclose(s4.params, s1.params, rtol=1e-5, atol=2e-5, what=f'params after step {i + 1}')
     assert int(s4.step) == int(s1.step) == i + 1
   # The steps did something: the parameters moved and the gradients are not zero.
-  assert gmax > 0
+  assert all(np.any(g != 0) for g in jax.tree_util.tree_leaves(one[0][0].opt_state[0].mu))
   moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree_util.tree_leaves(one[-1][0].params),
                                                   jax.tree_util.tree_leaves(state0.params))]
   assert max(moved) > 1e-4
@@ -176,8 +177,6 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
         p.wait()
   texts = [l.read_text() for l in logs]
   for pid, (p, text) in enumerate(zip(procs, texts)):
-    if p.returncode != 0 and 'gloo' in text.lower() and 'not' in text.lower() and 'SUMMARY' not in text:
-      pass
     assert p.returncode == 0, f'process {pid} exited with {p.returncode}:\n{text[-8000:]}'
   s0, s1 = _summary(texts[0]), _summary(texts[1])
   assert s0['step'] == s1['step'] == 4

@@ -1,6 +1,8 @@
 """Tests for hvaeood.distributions against independent float64 numpy/scipy computations (SPEC 1.4, 1.5, 2)."""
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,9 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from hvaeood import distributions as D
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+
+from hvaeood import distributions as D  # noqa: E402
 
 LN2 = math.log(2.0)
 

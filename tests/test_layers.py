@@ -6,14 +6,18 @@ convolutions, scattering transposed convolutions, windowed sums); library output
 """
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hvaeood import layers
-from hvaeood.layers import ResBlock, WNConv, WNDense
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+
+from hvaeood import layers  # noqa: E402
+from hvaeood.layers import ResBlock, WNConv, WNDense  # noqa: E402
 
 RTOL = 1e-4
 ATOL = 1e-4
