@@ -8,10 +8,7 @@ results.json (written last), results.md, scores.npz, roc.png, hist.png; see hvae
 User errors print one `error: ...` line and exit with status 2.
 """
 
-import logging
-
 from absl import app, flags
-from absl import logging as absl_logging
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint step directory (required).")
 _WHICH = flags.DEFINE_string("which", "latest", "For a workdir: 'latest' or 'best' checkpoint.")
@@ -43,10 +40,6 @@ def _ints(values, flag):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    # Library INFO chatter (orbax, tfds) off; this tool's own progress stays on.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("hvaeood").setLevel(logging.INFO)
   from hvaeood import cli  # pylint: disable=import-outside-toplevel
 
   def run():
@@ -64,4 +57,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from hvaeood import cli as _cli  # pylint: disable=g-import-not-at-top
+  from hvaeood.logging_utils import quiet_library_logs  # pylint: disable=g-import-not-at-top
+  quiet_library_logs()
+  app.run(main, flags_parser=_cli.flags_parser)

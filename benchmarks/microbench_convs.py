@@ -14,6 +14,7 @@ apply (set them before running, e.g. XLA_FLAGS=--xla_cpu_use_onednn=true).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -40,6 +41,19 @@ OPS = {
 }
 
 
+def _s2d(x, w, s, transpose):
+  pads = (layers.same_pads(x.shape[1], w.shape[0], s), layers.same_pads(x.shape[2], w.shape[0], s))
+  return layers.conv_strided_s2d(x, w, s, pads)
+
+
+PATHS = {
+    "plain": lambda x, w, s, transpose: layers.conv2d(x, w, s, transpose, fast=False),
+    "fast": lambda x, w, s, transpose: layers.conv2d(x, w, s, transpose, fast=True),
+    # rejected alternative for strided convs: space-to-depth + one stride-1 conv (values and gradients)
+    "s2d": _s2d,
+}
+
+
 def useful_flops(n, c, f, k, s, transpose, size):
   out = size if transpose else -(-size // s)
   return 2.0 * n * out * out * k * k * c * f
@@ -63,7 +77,7 @@ def main(argv=None):
   ap.add_argument("--channels", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--ops", default=",".join(OPS))
-  ap.add_argument("--paths", default="plain,fast")
+  ap.add_argument("--paths", default="plain,fast", help="comma list of plain, fast, s2d (strided convs only)")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--no_grad", action="store_true")
   ap.add_argument("--json", action="store_true", help="also print one JSON line per measurement")
@@ -81,8 +95,9 @@ def main(argv=None):
     ct = jnp.asarray(rng.standard_normal(out_shape), dtype)
     fl = useful_flops(n, c, c, k, s, transpose, size)
     for path in args.paths.split(","):
-      fast = path == "fast"
-      conv = lambda x, w, fast=fast: layers.conv2d(x, w, s, transpose, fast=fast)
+      if path == "s2d" and (transpose or s == 1):
+        continue
+      conv = functools.partial(PATHS[path], s=s, transpose=transpose)
       fwd = jax.jit(conv)
       grad = jax.jit(jax.grad(lambda x, w, ct: jnp.vdot(conv(x, w).astype(jnp.float32), ct.astype(jnp.float32)),
                               argnums=(0, 1)))

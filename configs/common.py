@@ -86,16 +86,25 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 
 
 def cpu_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """30 minutes of training on 2 CPU cores: the paper's model, schedules compressed into the budget."""
+  """30 minutes of training on 2 CPU cores: the paper's model with its schedules compressed into the budget.
+
+  The budget is wall-clock training time (evaluation and checkpointing excluded; it survives resumes). Adam
+  at 1e-3 with gradient-norm clipping (the single-sample KL is heavy-tailed early in training); KL warm-up and
+  the free-nats plateau and annealing each take half an epoch. `num_steps` only caps the run: 2.35 epochs, as
+  many as the reference implementation trains in 30 minutes on this machine class.
+  """
   config.train.time_budget_minutes = 30.0
-  config.train.num_steps = 100_000  # the wall-clock budget ends the run first
+  config.train.num_steps = 1100
+  config.optim.lr = 1e-3
+  config.optim.grad_clip = 100.0
   config.schedule.continuous = True
   config.schedule.warmup_epochs = 0.5
   config.schedule.free_nats_constant_epochs = 0.5
   config.schedule.free_nats_anneal_epochs = 0.5
-  config.eval.every_epochs = 1
-  config.eval.max_examples = 2000
-  config.checkpoint.every_steps = 500
+  config.train.log_every_steps = 25
+  config.train.eval_every_steps = 100_000  # evaluate once, at the end
+  config.eval.max_examples = 1000
+  config.checkpoint.every_steps = 100
   config.checkpoint.every_minutes = 5.0
   return config
 

@@ -33,7 +33,23 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
+FILES_MANIFEST = "hvaeood_files.json"  # in each step directory: size and SHA-256 of every file of the checkpoint
 FORMAT_VERSION = 1
+
+
+class _OrbaxFailedReadNoise(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" tracebacks of orbax reads abandoned after a failed
+  restore: the failure itself is reported (once, clearly) by the code that asked for the restore."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    try:
+      text = record.getMessage()
+    except Exception:  # pylint: disable=broad-except
+      return True
+    return not ("exception was never retrieved" in text and "orbax" in text)
+
+
+logging.getLogger("asyncio").addFilter(_OrbaxFailedReadNoise())
 
 
 class CheckpointError(Exception):
@@ -83,16 +99,85 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
   digest = state_digest(state)
   if digest is not None:
     meta["state_sha256"] = digest
+  if step in manager.all_steps():
+    # A resumed run redoing a step that was saved before (e.g. the best checkpoint of an evaluation that ran
+    # just before the process was killed): this run's state replaces it.
+    logging.info("Replacing the existing checkpoint %s/%d.", manager.directory, step)
+    manager.delete(step)
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                force=True)
+  if jax.process_index() == 0:
+    _write_files_manifest(os.path.join(str(manager.directory), str(step)))
+
+
+def _file_digests(step_dir: str) -> dict[str, list]:
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel.startswith(FILES_MANIFEST):
+        continue
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          h.update(chunk)
+      out[rel] = [os.path.getsize(path), h.hexdigest()]
+  return out
+
+
+def _write_files_manifest(step_dir: str) -> None:
+  """Records size and SHA-256 of every file of a finished checkpoint (written atomically, after orbax's commit).
+
+  A checkpoint killed between the two has no manifest; it is then checked by the arrays' checksum alone.
+  """
+  path = os.path.join(step_dir, FILES_MANIFEST)
+  digests = _file_digests(step_dir)
+  with open(path + ".tmp", "w") as f:
+    json.dump(digests, f, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)
+
+
+def verify_files(step_dir: str) -> bool:
+  """Checks a checkpoint's files against its manifest before orbax reads them (a clear reason, no read noise).
+
+  Returns:
+    True if verified, False if the checkpoint has no manifest (older, or killed just before writing it).
+  Raises:
+    CheckpointError: a file is missing, truncated or does not match its checksum.
+  """
+  path = os.path.join(step_dir, FILES_MANIFEST)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      expected = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"its file manifest {FILES_MANIFEST} is unreadable ({type(e).__name__})") from None
+  for rel, (size, digest) in sorted(expected.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.exists(full):
+      raise CheckpointError(f"file {rel} is missing")
+    got = os.path.getsize(full)
+    if got != size:
+      raise CheckpointError(f"file {rel} is truncated or overwritten ({got} bytes, {size} when saved)")
+  actual = _file_digests(step_dir)
+  for rel, (size, digest) in sorted(expected.items()):
+    if actual[rel][1] != digest:
+      raise CheckpointError(f"file {rel} does not match its checksum")
+  return True
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   """Restores (state, meta) of `step`, placing arrays as `abstract_state` (ShapeDtypeStructs with shardings).
 
   Raises:
-    CheckpointError: the restored arrays do not match the checksum saved with them (corrupted files).
+    CheckpointError: the checkpoint's files or restored arrays do not match the checksums saved with them
+      (corrupted or truncated files).
   """
+  verify_files(os.path.join(str(manager.directory), str(step)))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                            meta=ocp.args.JsonRestore()))
   state, meta = restored["state"], restored["meta"]
@@ -105,6 +190,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  verify_files(os.path.join(str(manager.directory), str(step)))
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
@@ -229,6 +315,8 @@ def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> Loa
   hint = _earlier_hint(directory, step)
   try:
     meta = restore_meta(manager, step)
+  except CheckpointError as e:
+    raise CheckpointError(f"Checkpoint {directory}/{step} is corrupted: {e}. {hint}") from e
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"Checkpoint {directory}/{step} is unreadable ({type(e).__name__}); it may be "
                           f"truncated or corrupted. {hint}") from e

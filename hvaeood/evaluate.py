@@ -127,12 +127,35 @@ class _Pass:
     self.name, self.dataset, self.data_seed, self.it, self.num_local = name, dataset, data_seed, it, num_local
 
 
-def _row_permutation(sharding: NamedSharding, global_batch: int, process_count: int) -> np.ndarray:
-  """Permutation of a global batch's rows into process-major order (process p's local rows in order)."""
+def row_owners(sharding: NamedSharding, global_batch: int) -> np.ndarray:
+  """The process that feeds each row of a global batch sharded with `sharding`."""
   owner = np.full(global_batch, -1)
   for device, index in sharding.devices_indices_map((global_batch,)).items():
     owner[index[0]] = device.process_index
-  return np.concatenate([np.flatnonzero(owner == p) for p in range(process_count)])
+  return owner
+
+
+def to_file_order(batches: np.ndarray, owner: np.ndarray, masks: np.ndarray) -> np.ndarray:
+  """Per-batch global outputs -> the real examples in file order.
+
+  Each process feeds a contiguous slice of the split (padded at its end), and its local rows land in the global
+  batch at the rows it owns, in order (`jax.make_array_from_process_local_data`).
+
+  Args:
+    batches: [nb, *lead, B] outputs of each global batch.
+    owner: [B] the process of each row (`row_owners`).
+    masks: [P, nb, lb] every process's local masks (True = real example).
+
+  Returns:
+    [*lead, N] with N = masks.sum(), examples in file order.
+  """
+  n_proc, nb, local_batch = masks.shape
+  perm = np.concatenate([np.flatnonzero(owner == p) for p in range(n_proc)])  # process-major rows
+  a = batches[..., perm]
+  lead = a.shape[1:-1]
+  a = a.reshape((nb,) + lead + (n_proc, local_batch))
+  a = np.moveaxis(a, 0, -2)  # [*lead, P, nb, lb]: process p's slice, batch by batch
+  return a.reshape(lead + (-1,))[..., masks.reshape(-1)]
 
 
 def _gather_masks(local_masks: np.ndarray) -> np.ndarray:
@@ -155,7 +178,7 @@ def score_pass(fn: Callable, params, it, sharding: NamedSharding, key: jax.Array
   pending = None
   for i, batch in enumerate(it):
     x = train_lib.to_global(np.asarray(batch["image"], np.float32), sharding)
-    result = fn(params, x, np.asarray(jax.random.fold_in(key, i + 1)))
+    result = fn(params, x, np.asarray(jax.random.fold_in(key, i)))
     masks.append(np.asarray(batch["mask"], bool))
     if pending is not None:  # fetch the previous batch while this one runs
       outs.append(jax.device_get(pending))
@@ -164,20 +187,11 @@ def score_pass(fn: Callable, params, it, sharding: NamedSharding, key: jax.Array
     outs.append(jax.device_get(pending))
   if not outs:
     raise ValueError("The dataset yielded no batches.")
-  n_proc = jax.process_count()
-  global_batch = local_batch * n_proc
-  perm = _row_permutation(sharding, global_batch, n_proc)
-  mask = _gather_masks(np.stack(masks)).reshape(-1)  # [P * nb * lb], process-major = file order
-  nb = len(outs)
-  cols = {}
-  for field in ("elbo", "lk", "llr", "log_px", "kl"):
-    a = np.stack([np.asarray(getattr(o, field)) for o in outs])  # [nb, *lead, B]
-    a = a[..., perm]
-    lead = a.shape[1:-1]
-    a = a.reshape((nb,) + lead + (n_proc, local_batch))
-    a = np.moveaxis(a, 0, -2)  # [*lead, P, nb, lb]
-    cols[field] = a.reshape(lead + (-1,))[..., mask]
-  return cols, nb
+  owner = row_owners(sharding, local_batch * jax.process_count())
+  all_masks = _gather_masks(np.stack(masks))
+  cols = {field: to_file_order(np.stack([np.asarray(getattr(o, field)) for o in outs]), owner, all_masks)
+          for field in ("elbo", "lk", "llr", "log_px", "kl")}
+  return cols, len(outs)
 
 
 def raw_scores(cols: dict[str, np.ndarray], ks: Sequence[int]) -> dict[str, np.ndarray]:
@@ -255,25 +269,13 @@ def _markdown(results: dict, table: dict, order: list[str], settings: dict) -> s
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Validation that needs no TensorFlow (so user errors are reported before the input pipeline loads)
+# Validation that needs no TensorFlow (datasets_info is TF-free), so user errors come before the pipeline loads
 
 
 def _resolve_dataset(name: str, model_shape: tuple[int, ...]) -> str:
-  """Canonical name of a dataset that fits the model; ValueError naming the shapes and the fix otherwise."""
-  try:
-    canonical = datasets_info.canonical(name)
-  except ValueError:
-    # Only the input pipeline knows some sets (e.g. omniglot_inverted); it raises the unknown-name error.
-    from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
-    info = input_pipeline.get_dataset_info(name)
-    input_pipeline.check_image_shape(info.name, model_shape)
-    return info.name
-  shape = tuple(datasets_info.image_shape(canonical))
-  if shape != tuple(model_shape):
-    fits = sorted(n for n, d in datasets_info.DATASETS.items() if tuple(d.image_shape) == tuple(model_shape))
-    raise ValueError(f"Dataset {canonical!r} has images of shape {shape} (H, W, C) but the model expects "
-                     f"{tuple(model_shape)}. Fix: evaluate against a dataset of shape {tuple(model_shape)} "
-                     f"({', '.join(fits) or 'none known'}), or use a model trained on {shape} images.")
+  """Canonical name of a dataset that fits the model; ValueError naming both shapes and the fix otherwise."""
+  canonical = datasets_info.canonical(name)
+  datasets_info.check_image_shape(canonical, model_shape)
   return canonical
 
 

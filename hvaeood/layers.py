@@ -13,6 +13,7 @@ variance keep `g = 1` instead of the reference's 1e4.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -199,16 +200,53 @@ def conv_transpose_subpixel(x: Array, w: Array, stride: int, pads) -> Array:
   return z
 
 
+def _strided_conv_lhs_pads(k: int, s: int, size: int, out: int, lo: int) -> tuple[int, int]:
+  """Padding of the transposed conv that maps a stride-s conv's output cotangent back to its input (size)."""
+  return k - 1 - lo, size - (out - 1) * s - 1 + lo
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_strided_fastgrad(x: Array, w: Array, stride: int, pads) -> Array:
+  """Equals conv_plain(x, w, stride, pads) in value and gradient. The forward pass is the plain strided conv
+  (fast in XLA:CPU); the input gradient, which autodiff would emit as an lhs-dilated conv (slow generic loop),
+  is the transposed conv of the cotangent with the flipped kernel, run as a sub-pixel stride-1 conv; the weight
+  gradient is autodiff's (a rhs-dilated conv, which XLA:CPU runs well)."""
+  return conv_plain(x, w, stride, pads)
+
+
+def _conv_strided_fastgrad_fwd(x, w, stride, pads):
+  return conv_plain(x, w, stride, pads), (x, w)
+
+
+def _conv_strided_fastgrad_bwd(stride, pads, res, ct):
+  x, w = res
+  k = w.shape[0]
+  lhs_pads = tuple(_strided_conv_lhs_pads(k, stride, x.shape[a], ct.shape[a], lo)
+                   for a, (lo, _) in zip((1, 2), pads))
+  w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+  dx = conv_transpose_subpixel(ct, w_t, stride, lhs_pads)
+  dw = jax.vjp(lambda w_: conv_plain(x, w_, stride, pads), w)[1](ct)[0]
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv_strided_fastgrad.defvjp(_conv_strided_fastgrad_fwd, _conv_strided_fastgrad_bwd)
+
+
 def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None) -> Array:
   """WNConv's convolution: TF-'SAME' conv (out = ceil(in/s)) or transposed conv (out = s*in, the reference's
-  crop), via the fast paths unless `fast` (default `FAST_CONV`) is False."""
+  crop). Unless `fast` (default `FAST_CONV`) is False, a transposed conv runs as a sub-pixel stride-1 conv
+  and a strided conv's input gradient likewise (see benchmarks/README.md for the measurements)."""
   fast = FAST_CONV if fast is None else fast
   k = w.shape[0]
   if transpose:
     pads = (transpose_pads(k, stride),) * 2
-    return (conv_transpose_subpixel if fast else conv_transpose_plain)(x, w, stride, pads)
+    if fast and stride > 1:
+      return conv_transpose_subpixel(x, w, stride, pads)
+    return conv_transpose_plain(x, w, stride, pads)
   pads = (same_pads(x.shape[1], k, stride), same_pads(x.shape[2], k, stride))
-  return (conv_strided_s2d if fast else conv_plain)(x, w, stride, pads)
+  if fast and stride > 1:
+    return conv_strided_fastgrad(x, w, stride, pads)
+  return conv_plain(x, w, stride, pads)
 
 
 class WNConv(_WeightNormBase):

@@ -334,8 +334,6 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
 
-  if is_main:
-    _write_config(workdir, config)
   manager = ckpt.make_manager(os.path.join(workdir, ckpt.CHECKPOINT_DIR), keep=config.checkpoint.keep)
   best_manager = ckpt.make_manager(os.path.join(workdir, ckpt.BEST_DIR), keep=1)
   abstract = abstract_train_state(config, replicated)
@@ -351,6 +349,8 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
     logging.info("Resumed from step %d of %s.", start_step, workdir)
   else:
     start_step, elapsed, best_elbo = 0, 0.0, None
+  if is_main:  # only once the checkpoints are known to fit this config: never overwrite a run's own config
+    _write_config(workdir, config)
 
   train_step = jax.jit(make_train_step(config, model, spe), in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))

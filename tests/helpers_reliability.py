@@ -168,7 +168,8 @@ class Launched:
     self._log.close()
 
   def log(self) -> str:
-    self._log.flush()
+    if not self._log.closed:
+      self._log.flush()
     return self.log_path.read_text(errors="replace")
 
 
@@ -355,3 +356,8 @@ def dead_pid() -> int:
 
 def signal_name(rc: int) -> str:
   return f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
+
+
+def jax_to_numpy(tree):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.tree_util.tree_map(np.asarray, tree)

@@ -174,7 +174,10 @@ def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_da
       close(scores[f"{name}/ELBO"][rows], o.elbo[0])
       for k in range(3):
         close(scores[f"{name}/L>{k}"][rows], o.elbo[1 + k])
-        close(scores[f"{name}/LLR>{k}"][rows], o.elbo[0] - o.elbo[1 + k])
+        # A difference of two float32 bounds: its error scales with the operands, not with the result.
+        llr = scores[f"{name}/LLR>{k}"][rows]
+        tol = 2e-5 * (np.abs(o.elbo[0]) + np.abs(o.elbo[1 + k]))[real] + 1e-2
+        assert np.all(np.abs(llr - (o.elbo[0] - o.elbo[1 + k])[real]) <= tol), (name, k)
       close(scores[f"{name}/log_px"][rows], o.log_px[0])
       close(scores[f"{name}/kl"][rows].T, np.stack([kl[0] for kl in o.kl]))
   # The sanity pass is a genuinely different draw of the same examples.
@@ -205,6 +208,28 @@ def test_chunked_importance_weighting_follows_the_documented_row_layout(workdir,
   close(got.kl, np.stack([kl.mean(0) for kl in c[0].kl]))
   close(got.lk, np.stack([c[1].elbo[0], c[1].elbo[1], c[2].elbo[0]]))
   close(got.llr, got.elbo[None] - got.lk)
+
+
+def test_multi_process_outputs_are_reassembled_in_file_order():
+  """Two processes, 5 and 4 real examples of a 9-example split, local batch 3 (so 2 batches each, padded), and
+  devices interleaved between processes in the global batch: the scores come back in file order, padding
+  dropped."""
+  n, local_batch, n_proc, nb = 9, 3, 2, 2
+  starts = [0, 5, 9]
+  masks = np.zeros((n_proc, nb, local_batch), bool)
+  local = np.full((n_proc, nb, local_batch), -1.0)  # value = file index of the example, -1 = padding
+  for p in range(n_proc):
+    idx = np.arange(starts[p], starts[p + 1])
+    masks[p].reshape(-1)[:len(idx)] = True
+    local[p].reshape(-1)[:len(idx)] = idx
+  owner = np.array([0, 1, 1, 0, 0, 1])  # rows of a global batch of 6 (2 devices per process, interleaved)
+  batches = np.zeros((nb, 2, n_proc * local_batch))  # a leading axis, like lk [K, B]
+  for b in range(nb):
+    for p in range(n_proc):
+      batches[b, :, owner == p] = local[p, b][:, None]
+  batches[:, 1] += 100.0
+  got = ev.to_file_order(batches, owner, masks)
+  np.testing.assert_array_equal(got, np.stack([np.arange(n), np.arange(n) + 100.0]))
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
@@ -304,4 +329,8 @@ def test_two_devices_give_the_one_device_scores(cli_run, workdir, tmp_path):
   a, b = np.load(ref / "scores.npz"), np.load(tmp_path / "scores.npz")
   assert sorted(a.files) == sorted(b.files)
   for key in a.files:
-    np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-2, err_msg=key)
+    ds, score = key.split("/")
+    scale = np.abs(a[key])
+    if score.startswith("LLR>"):  # a difference of two float32 bounds: error scales with the operands
+      scale = np.abs(a[f"{ds}/ELBO"]) + np.abs(a[f"{ds}/L>{score[4:]}"])
+    assert np.all(np.abs(b[key] - a[key]) <= 2e-5 * scale + 1e-2), key

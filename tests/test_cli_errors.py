@@ -1,0 +1,355 @@
+"""Bad input (issue 7): every user mistake gets exit status 2 and one `error: ...` line naming the problem and the
+fix, with no traceback and no partial output that looks complete.
+
+Each case runs the real `train.py` or `evaluate.py` in a subprocess. The cases start together when the module
+does (three at a time); those that need a trained checkpoint use the session's reference run (see
+helpers_reliability.reference_workdir), built by whichever module asks first.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+import helpers_reliability as R
+
+N = R.N_STEPS
+TINY = "configs/fashion_mnist_hvae.py:tiny"
+CASES = {}
+
+
+def case(fn):
+  CASES[fn.__name__] = fn
+  return fn
+
+
+class Env:
+
+  def __init__(self, data_dir, base: pathlib.Path, shared: pathlib.Path):
+    self.data_dir = data_dir
+    self.base = base
+    self.shared = shared
+    self.cfg = R.write_config(base / "config.py", data_dir)
+
+  def dir(self, name) -> pathlib.Path:
+    return self.base / name
+
+  def reference(self) -> pathlib.Path:
+    return R.reference_workdir(self.shared, self.data_dir)
+
+  def train(self, name, *args, devices=1, workdir=None):
+    wd = workdir or self.dir(name) / "wd"
+    return R.run_cli([R.REPO / "train.py", *args, f"--workdir={wd}"], devices=devices), wd
+
+  def evaluate(self, name, *args, checkpoint=None, devices=1, output_dir=None):
+    out = output_dir or self.dir(name) / "out"
+    ckpt_args = [] if checkpoint is False else [f"--checkpoint={checkpoint or self.reference()}"]
+    res = R.run_cli([R.REPO / "evaluate.py", *ckpt_args, f"--output_dir={out}", "--max_examples=32",
+                     "--batch_size=32", *args], devices=devices)
+    return res, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py
+
+
+@case
+def unknown_config_field(env):
+  return env.train("unknown_config_field", f"--config={TINY}", "--config.optim.nonexistent=1")
+
+
+@case
+def unknown_config_section(env):
+  return env.train("unknown_config_section", f"--config={TINY}", "--config.optimiser.lr=1e-3")
+
+
+@case
+def bad_config_value(env):
+  return env.train("bad_config_value", f"--config={TINY}", "--config.optim.lr=fast")
+
+
+@case
+def missing_config_file(env):
+  return env.train("missing_config_file", "--config=configs/no_such_config.py")
+
+
+@case
+def unknown_config_variant(env):
+  return env.train("unknown_config_variant", "--config=configs/fashion_mnist_hvae.py:huge")
+
+
+@case
+def unknown_train_dataset(env):
+  return env.train("unknown_train_dataset", f"--config={env.cfg}", "--config.data.name=fashion_mnits")
+
+
+@case
+def train_batch_not_divisible(env):
+  return env.train("train_batch_not_divisible", f"--config={env.cfg}", "--config.train.batch_size=15",
+                   devices=2)
+
+
+@case
+def unwritable_workdir(env):
+  blocker = env.dir("unwritable_workdir")
+  blocker.parent.mkdir(parents=True, exist_ok=True)
+  blocker.write_text("a file where a directory is expected\n")
+  return env.train("unwritable_workdir", f"--config={env.cfg}", workdir=blocker / "wd")
+
+
+HOLDER = textwrap.dedent('''
+    import sys, time
+    from hvaeood import checkpoints
+    checkpoints.WorkdirLock(sys.argv[1]).acquire()
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+''')
+
+
+@case
+def workdir_in_use(env):
+  wd = env.dir("workdir_in_use") / "wd"
+  wd.mkdir(parents=True)
+  holder = subprocess.Popen([R.PYTHON, "-c", HOLDER, str(wd), "600"], env=R.cli_env(), stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    res, _ = env.train("workdir_in_use", f"--config={env.cfg}", workdir=wd)
+    return res, wd, holder.pid
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+@case
+def resume_with_other_model(env):
+  wd = R.copy_workdir(env.reference(), env.dir("resume_with_other_model") / "wd")
+  before = {p.name: p.stat().st_mtime_ns for p in (wd / "checkpoints").iterdir()}
+  config_before = (wd / "config.json").read_text()
+  res, _ = env.train("resume_with_other_model", f"--config={env.cfg}", "--config.model.latent_dims=(2, 4, 4)",
+                     workdir=wd)
+  return res, wd, before, config_before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+@case
+def missing_checkpoint(env):
+  return env.evaluate("missing_checkpoint", "--ood=mnist", checkpoint=env.dir("missing_checkpoint") / "nope")
+
+
+@case
+def checkpoint_config_mismatch(env):
+  """A checkpoint whose stored config builds a model other than the one its arrays belong to (as after a code
+  change): its files are intact (the manifest is rewritten), so only the shapes can tell."""
+  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
+  wd = R.copy_workdir(env.reference(), env.dir("checkpoint_config_mismatch") / "wd")
+  step_dir = wd / "checkpoints" / str(N)
+  meta_file = step_dir / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  config = json.loads(meta["config"])
+  config["model"]["channels"] = [[16] * len(c) for c in config["model"]["channels"]]
+  meta["config"] = json.dumps(config, sort_keys=True)
+  meta_file.write_text(json.dumps(meta))
+  ckpt._write_files_manifest(str(step_dir))  # pylint: disable=protected-access
+  return env.evaluate("checkpoint_config_mismatch", "--ood=mnist", checkpoint=step_dir)
+
+
+@case
+def unknown_ood_dataset(env):
+  return env.evaluate("unknown_ood_dataset", "--ood=mnist,not_a_dataset")
+
+
+@case
+def ood_shape_mismatch(env):
+  # cifar10 (32x32x3) against a 28x28x1 model, with a data_dir where cifar10 is certainly not prepared: the
+  # shape check must come before any data access.
+  empty = env.dir("ood_shape_mismatch") / "empty_data_dir"
+  empty.mkdir(parents=True)
+  return env.evaluate("ood_shape_mismatch", "--ood=cifar10", f"--data_dir={empty}")
+
+
+@case
+def iw_samples_zero(env):
+  return env.evaluate("iw_samples_zero", "--ood=mnist", "--iw_samples=0")
+
+
+@case
+def k_out_of_range(env):
+  return env.evaluate("k_out_of_range", "--ood=mnist", "--k=1,3")
+
+
+@case
+def eval_batch_not_divisible(env):
+  out = env.dir("eval_batch_not_divisible") / "out"
+  res = R.run_cli([R.REPO / "evaluate.py", f"--checkpoint={env.reference()}", f"--output_dir={out}",
+                   "--ood=mnist", "--batch_size=33"], devices=2)
+  return res, out
+
+
+@case
+def unwritable_output_dir(env):
+  blocker = env.dir("unwritable_output_dir")
+  blocker.parent.mkdir(parents=True, exist_ok=True)
+  blocker.write_text("a file where a directory is expected\n")
+  return env.evaluate("unwritable_output_dir", "--ood=mnist", output_dir=blocker / "out")
+
+
+@case
+def eval_bad_flag_value(env):
+  return env.evaluate("eval_bad_flag_value", "--ood=mnist", "--iw_samples=many")
+
+
+@pytest.fixture(scope="module")
+def results(tfds_data_dir, tmp_path_factory):
+  env = Env(tfds_data_dir, tmp_path_factory.mktemp("cli_errors"),
+            tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared")
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
+  # Cases needing the reference checkpoint last, so that the quick ones overlap with its training run.
+  order = sorted(CASES, key=lambda n: n in ("resume_with_other_model", "checkpoint_config_mismatch",
+                                            "unknown_ood_dataset", "ood_shape_mismatch", "iw_samples_zero",
+                                            "k_out_of_range", "eval_batch_not_divisible",
+                                            "unwritable_output_dir", "eval_bad_flag_value"))
+  futures = {name: pool.submit(CASES[name], env) for name in order}
+  pool.shutdown(wait=False)
+  yield futures
+  for f in futures.values():
+    f.cancel()
+
+
+def get(results, name):
+  return results[name].result(timeout=1800)
+
+
+def no_results(out: pathlib.Path):
+  assert not (out / "results.json").exists(), "a failed evaluation left results.json, which marks a finished run"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests: train.py
+
+
+def test_unknown_config_field(results):
+  res, wd = get(results, "unknown_config_field")
+  line = R.assert_user_error(res, "--config.optim.nonexistent", "config.optim has no field 'nonexistent'", " lr")
+  assert "configs/common.py" in line
+  assert not wd.exists(), "nothing may be written before the flags are valid"
+
+
+def test_unknown_config_section(results):
+  res, _ = get(results, "unknown_config_section")
+  R.assert_user_error(res, "config has no field 'optimiser'", "optim")
+
+
+def test_bad_config_value(results):
+  res, _ = get(results, "bad_config_value")
+  R.assert_user_error(res, "'fast'", "--config.optim.lr")
+
+
+def test_missing_config_file(results):
+  res, _ = get(results, "missing_config_file")
+  R.assert_user_error(res, "configs/no_such_config.py does not exist", "--config")
+
+
+def test_unknown_config_variant(results):
+  res, _ = get(results, "unknown_config_variant")
+  R.assert_user_error(res, "'huge'", "tiny")
+
+
+def test_unknown_train_dataset(results):
+  res, wd = get(results, "unknown_train_dataset")
+  R.assert_user_error(res, "'fashion_mnits'", "fashion_mnist")
+  assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
+
+
+def test_train_batch_not_divisible_over_devices(results):
+  res, wd = get(results, "train_batch_not_divisible")
+  R.assert_user_error(res, "15", "2 devices", "--config.train.batch_size")
+  assert not (wd / "checkpoints").exists()
+
+
+def test_unwritable_workdir(results):
+  res, _ = get(results, "unwritable_workdir")
+  R.assert_user_error(res, "not writable", "--workdir")
+
+
+def test_workdir_in_use(results):
+  res, wd, holder_pid = get(results, "workdir_in_use")
+  R.assert_user_error(res, f"in use by process {holder_pid} on {socket.gethostname()}", "--workdir")
+  assert sorted(p.name for p in wd.iterdir()) == [".lock"], "the refused run wrote into the workdir"
+
+
+def test_resume_with_a_different_model_config(results):
+  res, wd, before, config_before = get(results, "resume_with_other_model")
+  R.assert_user_error(res, "can be restored for this config", "config.json", "--workdir")
+  after = {p.name: p.stat().st_mtime_ns for p in (wd / "checkpoints").iterdir()}
+  assert after == before, "the run's checkpoints were changed (renamed, pruned or overwritten)"
+  assert (wd / "config.json").read_text() == config_before, "the run's config.json was overwritten"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests: evaluate.py
+
+
+def test_missing_checkpoint_path(results):
+  res, out = get(results, "missing_checkpoint")
+  R.assert_user_error(res, "does not exist", "--workdir")
+  no_results(out)
+
+
+def test_checkpoint_config_does_not_match_code(results):
+  res, out = get(results, "checkpoint_config_mismatch")
+  R.assert_user_error(res, f"checkpoints/{N} could not be restored", "config does not match this code")
+  no_results(out)
+
+
+def test_unknown_ood_dataset(results):
+  res, out = get(results, "unknown_ood_dataset")
+  R.assert_user_error(res, "'not_a_dataset'", "mnist")
+  no_results(out)
+
+
+def test_ood_dataset_shape_mismatch_before_data_access(results):
+  res, out = get(results, "ood_shape_mismatch")
+  line = R.assert_user_error(res, "cifar10", "(32, 32, 3)", "(28, 28, 1)")
+  assert "prepared" not in line and "data_import" not in line, "the data was accessed before the shape check"
+  no_results(out)
+
+
+def test_iw_samples_below_one(results):
+  res, out = get(results, "iw_samples_zero")
+  R.assert_user_error(res, "iw_samples", "0")
+  no_results(out)
+
+
+def test_k_not_below_number_of_layers(results):
+  res, out = get(results, "k_out_of_range")
+  R.assert_user_error(res, "k = 3", "0..2")
+  no_results(out)
+
+
+def test_eval_batch_not_divisible_over_devices(results):
+  res, out = get(results, "eval_batch_not_divisible")
+  R.assert_user_error(res, "33", "2")
+  no_results(out)
+
+
+def test_unwritable_output_dir(results):
+  res, out = get(results, "unwritable_output_dir")
+  R.assert_user_error(res, "not writable", "--output_dir")
+
+
+def test_eval_bad_flag_value(results):
+  res, out = get(results, "eval_bad_flag_value")
+  R.assert_user_error(res, "--iw_samples", "'many'")
+  no_results(out)
