@@ -57,8 +57,13 @@ class CheckpointError(Exception):
 
 
 def make_manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=False, cleanup_tmp_directories=True)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0,
+                                           max_to_keep=None, cleanup_tmp_directories=False,
+                                           enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
 

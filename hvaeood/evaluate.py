@@ -28,8 +28,6 @@ the scores are gathered in file order on every process and process 0 writes the 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import math
@@ -47,6 +45,7 @@ from hvaeood import bounds
 from hvaeood import checkpoints as ckpt
 from hvaeood import datasets_info
 from hvaeood import ood_metrics
+from hvaeood import plots
 from hvaeood import train as train_lib
 
 log = logging.getLogger(__name__)
@@ -211,29 +210,10 @@ def raw_scores(cols: dict[str, np.ndarray], ks: Sequence[int]) -> dict[str, np.n
 
 
 def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
+  def to_file(tmp: str) -> None:
+    with open(tmp, mode) as f:
       write(f)
-    _chmod_default(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
-@functools.lru_cache(maxsize=None)
-def _umask() -> int:
-  umask = os.umask(0o022)
-  os.umask(umask)
-  return umask
-
-
-def _chmod_default(path: str) -> None:
-  """mkstemp creates files 0600; give the outputs the mode a plain open() would."""
-  os.chmod(path, 0o666 & ~_umask())
+  plots.atomic_write(path, to_file)
 
 
 def _prepare_output_dir(output_dir: str) -> str:
@@ -469,14 +449,11 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
       "compile_seconds": float(compile_seconds),
   }
   if is_main:
-    from hvaeood import plots  # pylint: disable=import-outside-toplevel
     plots.plot_roc(ood_metrics.ood_roc_curves(in_scores, ood_scores, seed=seed), os.path.join(out_dir, ROC_PNG),
                    title=f"{in_name}: OOD = positive (S={iw_samples}, S_k={iw_samples_k})")
     plots.plot_histograms({k: scores[in_name][k] for k in order},
                           {n: {k: scores[n][k] for k in order} for n in ood_names + [sanity_name]},
                           os.path.join(out_dir, HIST_PNG), in_label=in_name, score_order=order)
-    for png in (ROC_PNG, HIST_PNG):
-      _chmod_default(os.path.join(out_dir, png))
     settings = {"split": split, "S": iw_samples, "S_k": iw_samples_k, "k": ",".join(map(str, ks)),
                 "examples": ", ".join(f"{n} {v}" for n, v in results["n_examples_by_dataset"].items()),
                 "batch": batch_size, "seed": seed, "devices": mesh.devices.size,

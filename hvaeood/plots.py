@@ -22,8 +22,8 @@ __all__ = ["plot_roc", "plot_histograms", "save_image_grid"]
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
-def _atomic_write(path, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp_path)`` then atomically move tmp_path onto ``path``."""
+def atomic_write(path, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp_path)`` then atomically move tmp_path onto ``path`` (mode as a plain open() gives)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -33,12 +33,19 @@ def _atomic_write(path, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _format_of(path) -> str:
@@ -57,7 +64,7 @@ def _new_figure(figsize: Tuple[float, float]):
 
 def _save_figure(fig, path, dpi: int) -> str:
     fmt = _format_of(path)
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
 
 
 def _area(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -239,4 +246,4 @@ def save_image_grid(
         # mode inferred from shape: [H,W] -> L, [H,W,3] -> RGB, [H,W,4] -> RGBA
         Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="PNG")
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)

@@ -15,9 +15,9 @@ import logging
 import math
 import os
 import signal
-import sys
+
 import time
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -121,7 +121,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, sharding=None) -> Tr
   batch = jax.ShapeDtypeStruct((2,) + tuple(model.spec.image_shape), jnp.float32)
   abstract = jax.eval_shape(functools.partial(create_train_state, config, model), batch)
   if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
@@ -211,31 +211,22 @@ def to_global(local_batch: np.ndarray, sharding: NamedSharding) -> Array:
 
 def evaluate_model(model: nn.Module, params, config: ml_collections.ConfigDict, mesh: Mesh, rng: Array,
                    datasets: list[str]) -> dict[str, dict[str, np.ndarray]]:
-  """Single-sample ELBO and every L^{>k} for the test split of each dataset (per-example arrays)."""
+  """Single-sample ELBO and every L^{>k} for the test split of each dataset (per-example arrays, file order)."""
+  from hvaeood import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
   ks = tuple(range(model.spec.num_layers))
   sharding = NamedSharding(mesh, P("data"))
-  fn = jax.jit(functools.partial(bounds.compute_bounds, model, ks=ks), out_shardings=None)
+  fn = evaluate_lib.make_bounds_fn(model, mesh, iw_samples=1, iw_samples_k=1, ks=ks, max_rows=None)
+  local_batch = config.eval.batch_size // jax.process_count()
   results = {}
-  for name in datasets:
+  for i, name in enumerate(datasets):
     it, _ = input_pipeline.create_eval_dataset(
         name, "test", preprocessing=datasets_info.eval_preprocessing(config, name),
-        batch_size=config.eval.batch_size // jax.process_count(), seed=config.seed,
-        max_examples=config.eval.max_examples, data_dir=config.data.data_dir,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        batch_size=config.eval.batch_size, seed=config.seed, max_examples=config.eval.max_examples,
+        data_dir=config.data.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
         target_shape=model.spec.image_shape)
-    cols = {"elbo": [], "lk": [], "log_px": [], "kl": []}
-    for i, batch in enumerate(it):
-      x = to_global(batch["image"], sharding)
-      b = fn(params, x, jax.random.fold_in(rng, i))
-      mask = np.asarray(jax.experimental.multihost_utils.process_allgather(batch["mask"], tiled=True)) \
-          if jax.process_count() > 1 else batch["mask"]
-      cols["elbo"].append(np.asarray(b.elbo)[mask])
-      cols["lk"].append(np.asarray(b.lk)[:, mask])
-      cols["log_px"].append(np.asarray(b.log_px)[mask])
-      cols["kl"].append(np.asarray(b.kl)[:, mask])
-    results[name] = {"elbo": np.concatenate(cols["elbo"]), "lk": np.concatenate(cols["lk"], axis=1),
-                     "log_px": np.concatenate(cols["log_px"]), "kl": np.concatenate(cols["kl"], axis=1)}
+    cols, _ = evaluate_lib.score_pass(fn, params, it, sharding, jax.random.fold_in(rng, i), local_batch)
+    results[name] = {k: cols[k] for k in ("elbo", "lk", "log_px", "kl")}
   return results
 
 
