@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 50
   config.train.eval_every_steps = -1  # -1: every eval.every_epochs epochs
   config.train.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)
+  # Explicit cluster for jax.distributed (None: auto-detected on TPU pods / SLURM / ...).
+  config.train.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  config.train.num_processes = ml_collections.FieldReference(None, field_type=int)
+  config.train.process_id = ml_collections.FieldReference(None, field_type=int)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 3e-4

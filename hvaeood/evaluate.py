@@ -367,7 +367,7 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
   for pass_name, dataset, data_seed in ([(in_name, in_name, seed), (sanity_name, in_name, seed + 1)] +
                                         [(n, n, seed) for n in ood_names]):
     it, num_local = input_pipeline.create_eval_dataset(
-        dataset, split, preprocessing=datasets_info.eval_preprocessing(config, dataset), batch_size=batch_size,
+        dataset, split, preprocessing=datasets_info.eval_preprocessing(config, dataset), batch_size=local_batch,
         seed=data_seed, max_examples=max_examples, data_dir=data_dir, process_index=jax.process_index(),
         process_count=n_proc, target_shape=model_shape)
     passes.append(_Pass(pass_name, dataset, data_seed, it, num_local))

@@ -222,7 +222,7 @@ def evaluate_model(model: nn.Module, params, config: ml_collections.ConfigDict, 
   for i, name in enumerate(datasets):
     it, _ = input_pipeline.create_eval_dataset(
         name, "test", preprocessing=datasets_info.eval_preprocessing(config, name),
-        batch_size=config.eval.batch_size, seed=config.seed, max_examples=config.eval.max_examples,
+        batch_size=local_batch, seed=config.seed, max_examples=config.eval.max_examples,
         data_dir=config.data.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
         target_shape=model.spec.image_shape)
     cols, _ = evaluate_lib.score_pass(fn, params, it, sharding, jax.random.fold_in(rng, i), local_batch)
@@ -300,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from hvaeood import logging_utils  # pylint: disable=import-outside-toplevel
 
   if config.train.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_distributed_kwargs(config))
   datasets_info.validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -313,6 +313,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     if is_main:
       lock.release()
+
+
+def _distributed_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """jax.distributed.initialize arguments from config.train (optional fields; None = let JAX detect them).
+
+  TPU pods, SLURM, Open MPI and Kubernetes are detected by JAX itself. Elsewhere, e.g. several CPU processes on one
+  machine, set config.train.coordinator_address ('host:port' of process 0), num_processes and process_id.
+  """
+  names = ("coordinator_address", "num_processes", "process_id")
+  return {k: config.train.get(k) for k in names if config.train.get(k) is not None}
 
 
 def _run(config, workdir, is_main, input_pipeline, logging_utils):
@@ -453,7 +463,18 @@ def _evaluate_and_log(model, state, config, mesh, eval_sets, step, num_dims, wri
         params, rng)
     imgdir = os.path.join(workdir, "images")
     plots.save_image_grid(np.asarray(mean), os.path.join(imgdir, f"samples_{step:08d}.png"))
-    writer.write_images(step, {"samples": np.asarray(mean)})
+    # Reconstructions: originals in the odd columns, the mean of p(x|z), z ~ q(z|x), next to each.
+    from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+    it, _ = input_pipeline.create_eval_dataset(
+        config.data.name, "test", preprocessing=config.data.preprocessing, batch_size=n, seed=config.seed,
+        max_examples=n, data_dir=config.data.data_dir, target_shape=model.spec.image_shape)
+    x = next(iter(it))["image"]
+    recon = jax.jit(lambda p, b, r: model.apply({"params": p}, b, method=model.reconstruct, rngs={"sample": r}))(
+        params, x, rng)
+    pairs = np.stack([x, np.asarray(recon)], axis=1).reshape((2 * n,) + x.shape[1:])
+    plots.save_image_grid(pairs, os.path.join(imgdir, f"reconstructions_{step:08d}.png"),
+                          ncols=2 * int(np.ceil(np.sqrt(n))))
+    writer.write_images(step, {"samples": np.asarray(mean), "reconstructions": pairs})
   return summary
 
 

@@ -225,13 +225,13 @@ def load_state(workdir, step: int, sub: str = "checkpoints", verify: bool = True
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   manager = ckpt.make_manager(os.path.join(str(workdir), sub), keep=10**6, read_only=True)
-  meta = ckpt.restore_meta(manager, step)
-  abstract = _abstract_state(_model_key(meta["config"]))
   if verify:
-    state, meta = ckpt.restore(manager, step, abstract)
-  else:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    state = restored["state"]
+    meta = ckpt.restore_meta(manager, step)
+    state, meta = ckpt.restore(manager, step, _abstract_state(_model_key(meta["config"])))
+  else:  # what orbax alone returns, without the checksums
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    abstract = _abstract_state(_model_key(meta["config"]))
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
   return jax.tree_util.tree_map(np.asarray, state), meta
 
 

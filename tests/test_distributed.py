@@ -121,17 +121,19 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
 # 2 processes on localhost
 
 _PROCESS = """
-import json, os, sys
+import json, sys
 import jax
-pid, port, workdir, data_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=pid,
-                           initialization_timeout=120)
 import helpers_train as H
 from hvaeood import train
-assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1
+pid, port, workdir, data_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 config = H.tiny_config(data_dir, num_steps=4, checkpoint_every=2)
+# train_and_evaluate calls jax.distributed.initialize with these (CPU collectives: gloo, JAX's default).
+config.train.distributed = True
+config.train.coordinator_address = f'localhost:{port}'
+config.train.num_processes = 2
+config.train.process_id = pid
 summary = train.train_and_evaluate(config, workdir)
+assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1
 print('SUMMARY ' + json.dumps(summary), flush=True)
 jax.distributed.shutdown()
 """
@@ -217,3 +219,12 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
   assert loaded.step == num_steps
   H.tree_allclose(H.state_to_host(loaded.params), replica_state.params, rtol=1e-4, atol=1e-4,
                   what='params of the 2-process run vs 1 process')
+  # Its evaluation (each process scoring half of every eval batch) == one process evaluating the saved params.
+  model = train.model_for_config(config)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), num_steps)  # as train._evaluate_and_log
+  mesh = H.shardings(jax.devices()[:1])[0].mesh
+  results = train.evaluate_model(model, loaded.params, config, mesh, rng, [config.data.name])
+  assert len(results[config.data.name]['elbo']) == config.eval.max_examples
+  single = train.eval_summary(results, config.data.name, 784)
+  for k in ('eval_elbo', 'eval_log_px', 'eval_L>1', 'eval_L>2', 'eval_kl_z1'):
+    np.testing.assert_allclose(s0[k], single[k], rtol=1e-4, err_msg=k)

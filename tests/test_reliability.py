@@ -26,6 +26,7 @@ import os
 import pathlib
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -193,7 +194,7 @@ def _evaluate_twice(ref: pathlib.Path, base: pathlib.Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chains(tfds_data_dir, tmp_path_factory):
+def chains(tfds_data_dir, tmp_path_factory, pytestconfig):
   base = tmp_path_factory.mktemp("reliability")
   shared = tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared"
   logs = base / "logs"
@@ -210,10 +211,16 @@ def chains(tfds_data_dir, tmp_path_factory):
   f["nan"] = pool.submit(_nan_run, cfg, base / "nan", logs)
   f["evaluate"] = pool.submit(lambda: _evaluate_twice(f["reference"].result(), base))
   pool.shutdown(wait=False)
+  t0 = time.time()
   yield {"futures": f, "base": base, "cfg": cfg, "seed": seed}
   for fut in f.values():
     fut.cancel()
   concurrent.futures.wait(list(f.values()), timeout=TIMEOUT)
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+  if reporter is not None:
+    reporter.write_line(f"\ntest_reliability: subprocesses of this session so far used "
+                        f"{usage.ru_utime + usage.ru_stime:.0f} CPU-s; this module took {time.time() - t0:.0f} s")
 
 
 def _get(chains, name):

@@ -61,6 +61,7 @@ def direct(tfds_data_dir):
 
 
 def test_one_step(direct):
+  """One jitted step from the data-dependent init on a real batch: consistent metrics, updates, donation."""
   state = direct.fresh_state()
   new, m = direct.step(state, direct.x(0))
   m = jax.device_get(m)
