@@ -2,14 +2,18 @@
 
 Workdir layout:
   WORKDIR/config.json            the run's full config (also stored in every checkpoint's `meta` item)
-  WORKDIR/checkpoints/<step>/    the latest N checkpoints: items `state` (TrainState) and `meta` (JSON)
+  WORKDIR/checkpoints/<step>/    the latest N checkpoints: items `state` (TrainState) and `meta` (JSON), and
+                                 hvaeood_files.json (size and SHA-256 of every file, written after the commit)
+  WORKDIR/checkpoints/<step>.corrupt/  a checkpoint that failed to restore, set aside when training fell back
   WORKDIR/best/<step>/           the checkpoint with the best validation ELBO so far
-  WORKDIR/.lock                  pid of the training process that owns the workdir
+  WORKDIR/.lock                  flock'ed while a training process owns the workdir; holds its pid and host
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process killed mid-write
-leaves no directory that looks finished. A finished directory that fails to restore (disk corruption, a
-truncated file) is reported and skipped in favour of the previous one when training resumes; evaluation
-refuses it with a clear error.
+leaves no directory that looks finished (the temporary one is removed when the next run opens the directory).
+Every checkpoint carries two checksums: the file manifest, checked before orbax reads anything, and a SHA-256 of
+the restored arrays (`state_sha256` in `meta`), checked after. A finished checkpoint that fails either, or fails
+to restore at all (disk corruption, a truncated or garbled file), is reported, set aside and skipped in favour of
+the previous one when training resumes; evaluation refuses it with a clear error. Never a silent garbage model.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ logging.getLogger("asyncio").addFilter(_OrbaxFailedReadNoise())
 
 class CheckpointError(Exception):
   """A checkpoint path or content that cannot be used; the message says why and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A readable checkpoint whose arrays are not those of the model the config builds (a config or code change)."""
 
 
 def make_manager(directory: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -182,7 +190,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
     CheckpointError: the checkpoint's files or restored arrays do not match the checksums saved with them
       (corrupted or truncated files).
   """
-  verify_files(os.path.join(str(manager.directory), str(step)))
+  step_dir = os.path.join(str(manager.directory), str(step))
+  verify_files(step_dir)
+  check_shapes(step_dir, abstract_state)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                            meta=ocp.args.JsonRestore()))
   state, meta = restored["state"], restored["meta"]
@@ -192,6 +202,52 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
     if got is not None and got != expected:
       raise CheckpointError("its arrays do not match the checksum saved with them (corrupted or truncated files)")
   return state, meta
+
+
+def _dotted(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return ".".join(parts)
+
+
+def check_shapes(step_dir: str, abstract_state: Any) -> None:
+  """Compares the stored arrays' names and shapes (orbax metadata, no data read) with `abstract_state`.
+
+  A mismatch means the checkpoint belongs to another model (a changed config, or code that builds the model
+  differently); it is reported here, naming the first differing array, before orbax starts reading.
+
+  Raises:
+    CheckpointMismatchError: an array with another shape, or an array missing on either side.
+  """
+  try:
+    md = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+    tree = getattr(md, "item_metadata", md)
+    tree = getattr(tree, "tree", tree)
+    stored = {leaf.name: tuple(leaf.shape) for _, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if hasattr(leaf, "shape") and hasattr(leaf, "name")}
+  except Exception:  # pylint: disable=broad-except
+    return  # unreadable metadata: the restore itself reports the problem
+  wanted = {_dotted(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  if not stored or not set(stored) & set(wanted):
+    return  # names in a layout we do not know: leave the check to orbax
+  for name, shape in wanted.items():  # tree order: parameters before optimiser state
+    if name in stored and stored[name] != shape:
+      raise CheckpointMismatchError(f"array {name} is stored with shape {stored[name]} but the config builds "
+                                    f"{shape}")
+  missing = [name for name in wanted if name not in stored]
+  if missing:
+    raise CheckpointMismatchError(f"the config builds array {missing[0]}, which the checkpoint does not hold"
+                                  + (f" ({len(missing)} such arrays)" if len(missing) > 1 else ""))
+  extra = sorted(set(stored) - set(wanted))
+  if extra:
+    raise CheckpointMismatchError(f"the checkpoint holds array {extra[0]}, which the config does not build"
+                                  + (f" ({len(extra)} such arrays)" if len(extra) > 1 else ""))
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -336,6 +392,10 @@ def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> Loa
                           f"({_short(e)}).") from e
   try:
     state, _ = restore(manager, step, abstract)
+  except CheckpointMismatchError as e:
+    raise CheckpointError(f"Checkpoint {directory}/{step} does not match the model its stored config builds with "
+                          f"this code: {e}. It was written by another version of the code (or its stored config "
+                          "was edited); evaluate it with that version.") from e
   except CheckpointError as e:
     raise CheckpointError(f"Checkpoint {directory}/{step} is corrupted: {e}. {hint}") from e
   except Exception as e:  # pylint: disable=broad-except

@@ -39,8 +39,37 @@ def _os_message(e: OSError) -> str:
   return f"{what}{where}. Check the path, its permissions and the free disk space."
 
 
+def _is_abandoned_orbax_read(exc_type, exc, tb) -> bool:
+  """RuntimeError('Event loop is closed') raised in asyncio by a tensorstore read that completed after a failed
+  orbax restore had closed its event loop (printed by a background thread; the restore failure is reported)."""
+  if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+    return False
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename
+
+
+def _quiet_abandoned_reads() -> None:
+  """Filters those errors out of sys.excepthook and sys.unraisablehook (other errors print as before)."""
+  if getattr(sys.unraisablehook, "_hvaeood_quiet", False):
+    return
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_abandoned_orbax_read(exc_type, exc, tb):
+      previous_excepthook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_abandoned_orbax_read(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+      previous_unraisablehook(unraisable)
+
+  excepthook._hvaeood_quiet = unraisablehook._hvaeood_quiet = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def run_guarded(fn: Callable[[], object]) -> object:
   """Runs `fn`; a user-caused error prints `error: <message>` and exits with status 2."""
+  _quiet_abandoned_reads()
   try:
     return fn()
   except user_error_types() as e:  # pylint: disable=catching-non-exception

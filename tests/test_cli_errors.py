@@ -211,7 +211,7 @@ def eval_bad_flag_value(env):
 
 
 @pytest.fixture(scope="module")
-def results(tfds_data_dir, tmp_path_factory):
+def results(tfds_data_dir, tmp_path_factory, pytestconfig):
   env = Env(tfds_data_dir, tmp_path_factory.mktemp("cli_errors"),
             tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared")
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
@@ -225,6 +225,17 @@ def results(tfds_data_dir, tmp_path_factory):
   yield futures
   for f in futures.values():
     f.cancel()
+  # The messages, for the record (shown with the test summary).
+  lines = []
+  for name, f in futures.items():
+    if f.done() and not f.cancelled() and f.exception() is None:
+      res = f.result()[0]
+      lines.append(f"  {name:28s} exit {res.rc}  {(res.error_lines or ['(no error line)'])[-1]}")
+  reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+  capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+  if reporter is not None and capture is not None and lines:
+    with capture.global_and_fixture_disabled():
+      reporter.write_line("\nbad input -> message:\n" + "\n".join(lines))
 
 
 def get(results, name):

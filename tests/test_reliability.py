@@ -52,12 +52,19 @@ def _resumed_from(log: str):
   return int(m[-1]) if m else None
 
 
+KILL_KINDS = ("startup", "after-commit", "checkpoint-write", "random")
+
+
 def _kill_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path, seed: int, kills: int) -> dict:
-  """kill -9 at `kills` moments, restarting after each; then a run to completion."""
+  """kill -9 at `kills` moments, restarting after each; then a run to completion.
+
+  The moments: during startup (a random delay of 0.5-3 s, before any checkpoint); right after a checkpoint is
+  committed (the manifest write, the pruning of the oldest checkpoint or the next step); while a checkpoint is
+  being written (as soon as orbax's temporary directory appears); a random delay of 0-1 s after a checkpoint.
+  More kills cycle through the last three.
+  """
   rng = random.Random(seed)
-  kinds = ["startup", "mid-steps", "checkpoint-write"]
-  kinds += [("checkpoint-write", "mid-steps")[i % 2] for i in range(max(kills - 3, 0))]
-  kinds = kinds[:kills]
+  kinds = [KILL_KINDS[i] if i < len(KILL_KINDS) else KILL_KINDS[1 + (i - 1) % 3] for i in range(kills)]
   records, launches = [], []
   for i, kind in enumerate(kinds):
     before = R.checkpoint_steps(wd)
@@ -72,15 +79,16 @@ def _kill_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path, seed: int, kills
       rec["delay_s"] = round(delay, 3)
     else:
       start = before[-1] if before else 0
-      R.wait_for(lambda: (R.checkpoint_steps(wd) or [0])[-1] > start, TIMEOUT,
-                 "the restarted run to write a checkpoint", proc=run)
-      if kind == "mid-steps":
-        delay = rng.uniform(0.0, 1.0)
-        time.sleep(delay)
-        rec["delay_s"] = round(delay, 3)
-      else:  # kill as soon as a checkpoint write is seen in progress
-        R.wait_for(lambda: R.tmp_checkpoint_dirs(wd), TIMEOUT, "a checkpoint write in progress", proc=run,
-                   interval=0.002)
+      if kind == "checkpoint-write":
+        R.wait_for(lambda: [t for t in R.tmp_checkpoint_dirs(wd) if int(t.split(".")[0]) > start], TIMEOUT,
+                   "a checkpoint write in progress", proc=run, interval=0.002)
+      else:
+        R.wait_for(lambda: (R.checkpoint_steps(wd) or [0])[-1] > start, TIMEOUT,
+                   "the restarted run to commit a checkpoint", proc=run, interval=0.002)
+        if kind == "random":
+          delay = rng.uniform(0.0, 1.0)
+          time.sleep(delay)
+          rec["delay_s"] = round(delay, 3)
     if run.poll() is not None:
       rec["finished_before_kill"] = run.poll()
     run.signal(signal.SIGKILL)
@@ -218,9 +226,11 @@ def chains(tfds_data_dir, tmp_path_factory, pytestconfig):
   concurrent.futures.wait(list(f.values()), timeout=TIMEOUT)
   usage = resource.getrusage(resource.RUSAGE_CHILDREN)
   reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-  if reporter is not None:
-    reporter.write_line(f"\ntest_reliability: subprocesses of this session so far used "
-                        f"{usage.ru_utime + usage.ru_stime:.0f} CPU-s; this module took {time.time() - t0:.0f} s")
+  capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+  if reporter is not None and capture is not None:
+    with capture.global_and_fixture_disabled():
+      reporter.write_line(f"\ntest_reliability: subprocesses of this session so far used "
+                          f"{usage.ru_utime + usage.ru_stime:.0f} CPU-s; this module took {time.time() - t0:.0f} s")
 
 
 def _get(chains, name):
