@@ -2,6 +2,7 @@
 
   python benchmarks/microbench_convs.py [--batch 128] [--channels 64] [--repeats 5] [--ops conv5s2,convT5s2]
       [--dtype float32|bfloat16] [--paths plain,fast]
+  python benchmarks/microbench_convs.py --train_step configs/fashion_mnist_hvae.py [--batch 128] [--repeats 3]
 
 For every op (the FashionMNIST HVAE's conv shapes) and path it prints the median time of the forward pass and
 of the gradient (both dx and dw of <y, ct>, one jitted call) in ms of wall time, and GFLOP/s counted as the op's *useful*
@@ -9,6 +10,10 @@ multiply-adds (2 * N * H_in * W_in * k^2 * C * F for a transposed conv, 2 * N * 
 otherwise; the gradient counts twice that), so GFLOP/s compare paths directly. The last two columns are the
 process CPU time (all threads) of the same calls, the steadier figure when other jobs share the cores. XLA_FLAGS in the environment
 apply (set them before running, e.g. XLA_FLAGS=--xla_cpu_use_onednn=true).
+
+`--train_step CONFIG` instead times the whole jitted training step of CONFIG on a synthetic batch (the
+conv path as set by HVAEOOD_FAST_CONV) and prints one JSON line with the median wall and process-CPU seconds
+per step, images per second and images per CPU-second; on a shared machine the CPU figure tracks the work.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hvaeood import layers  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402  pylint: disable=wrong-import-position  (its config and batch helpers)
 
 # name: (kernel, stride, transpose, input spatial size)
 OPS = {
@@ -71,6 +79,36 @@ def bench(fn, args, repeats):
   return statistics.median(times), statistics.median(cpu)
 
 
+def train_step_bench(config_path: str, batch: int, repeats: int) -> dict:
+  from hvaeood import train  # pylint: disable=import-outside-toplevel
+  config = throughput.load_config(config_path)
+  config.train.batch_size = batch
+  model = train.model_for_config(config)
+  x = throughput.synthetic_batch(np.random.default_rng(0), batch, model.spec.image_shape,
+                      config.model.likelihood == "bernoulli")
+  state = jax.jit(lambda b: train.create_train_state(config, model, b))(x)
+  step = jax.jit(train.make_train_step(config, model, steps_per_epoch=1000), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, x).compile()
+  compile_s = time.perf_counter() - t0
+  state, m = compiled(state, x)
+  jax.block_until_ready(m)
+  walls, cpus = [], []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    state, m = compiled(state, x)
+    jax.block_until_ready(m)
+    walls.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - c0)
+  wall, cpu = statistics.median(walls), statistics.median(cpus)
+  return {"config": config_path, "batch_size": batch, "fast_conv": layers.FAST_CONV,
+          "conv_chunk_bytes": layers.CONV_CHUNK_BYTES, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "compile_s": round(compile_s, 1), "step_wall_s": round(wall, 3), "step_cpu_s": round(cpu, 3),
+          "img_per_s": round(batch / wall, 2), "img_per_cpu_s": round(batch / cpu, 2),
+          "walls": [round(v, 2) for v in walls], "cpus": [round(v, 2) for v in cpus],
+          "loadavg": os.getloadavg()[0]}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batch", type=int, default=128)
@@ -81,7 +119,14 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--no_grad", action="store_true")
   ap.add_argument("--json", action="store_true", help="also print one JSON line per measurement")
+  ap.add_argument("--train_step", default=None, help="config file: time its whole training step instead")
+  ap.add_argument("--chunk_bytes", type=int, default=None, help="override layers.CONV_CHUNK_BYTES (0: off)")
   args = ap.parse_args(argv)
+  if args.chunk_bytes is not None:
+    layers.CONV_CHUNK_BYTES = args.chunk_bytes
+  if args.train_step:
+    print(json.dumps(train_step_bench(args.train_step, args.batch, args.repeats)))
+    return
   dtype = jnp.dtype(args.dtype)
   n, c = args.batch, args.channels
   rng = np.random.default_rng(0)

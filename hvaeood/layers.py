@@ -88,13 +88,17 @@ class _WeightNormBase(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Convolution kernels. XLA:CPU runs stride-1 convolutions through a fast path, but strided and (above all)
-# transposed convolutions, and the gradients of strided convolutions, become lhs-dilated convolutions that it
-# runs through a slow generic loop (the k5 s2 transposed conv's gradient ran at ~1 GFLOP/s, 40x slower than a
-# plain conv). The fast paths below rewrite every strided/transposed conv as ONE stride-1 conv plus a
-# depth-to-space or space-to-depth reshuffle, whose gradients are again stride-1 convs. The combined kernel is
-# built from the folded weight w by pads, reshapes, transposes and flips only (a static gather), so the stored
-# parameters are the same for both paths and their results agree to float rounding.
+# Convolution kernels. XLA:CPU runs stride-1 convolutions through a fast library path, but a transposed conv
+# and the input gradient of a strided conv are lhs-dilated convolutions that it runs through a slow generic
+# loop (the k5 s2 transposed conv's gradient ran at ~1 GFLOP/s, 40x slower than a plain conv). The fast paths:
+#   * transposed conv -> sub-pixel form: ONE stride-1 conv producing all s*s output phases as channels, then
+#     depth-to-space; its gradients are stride-1 convs too;
+#   * strided conv -> the plain forward (fast), with a custom VJP whose input gradient is that sub-pixel
+#     transposed conv (the space-to-depth rewrite `conv_strided_s2d` is exact as well, but measured slower);
+#   * a large batch is split into cache-sized static chunks (cuts the gradient convs' CPU time).
+# The sub-pixel kernel is built from the folded weight w by pads, reshapes, transposes and flips only (a static
+# gather), so the stored parameters are the same for both paths, and results agree to float32 rounding
+# (tests/test_layers_fast.py). Measurements: benchmarks/README.md, benchmarks/microbench_convs.py.
 
 FAST_CONV = os.environ.get("HVAEOOD_FAST_CONV", "1") != "0"
 """Default for `WNConv.fast` (None): use the stride-1 fast paths. Set False (or the environment variable

@@ -302,7 +302,7 @@ def test_workdir_in_use(results):
 
 def test_resume_with_a_different_model_config(results):
   res, wd, before, config_before = get(results, "resume_with_other_model")
-  R.assert_user_error(res, "can be restored for this config", "config.json", "--workdir")
+  R.assert_user_error(res, "can be restored for this config", "stored with shape", "config.json", "--workdir")
   after = {p.name: p.stat().st_mtime_ns for p in (wd / "checkpoints").iterdir()}
   assert after == before, "the run's checkpoints were changed (renamed, pruned or overwritten)"
   assert (wd / "config.json").read_text() == config_before, "the run's config.json was overwritten"
@@ -320,7 +320,8 @@ def test_missing_checkpoint_path(results):
 
 def test_checkpoint_config_does_not_match_code(results):
   res, out = get(results, "checkpoint_config_mismatch")
-  R.assert_user_error(res, f"checkpoints/{N} could not be restored", "config does not match this code")
+  R.assert_user_error(res, f"checkpoints/{N} does not match the model its stored config builds",
+                      "is stored with shape (8,) but the config builds (16,)")
   no_results(out)
 
 

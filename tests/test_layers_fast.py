@@ -1,0 +1,131 @@
+"""The fast convolution paths of hvaeood.layers equal the plain lax paths, in values and gradients.
+
+The fast paths (sub-pixel transposed conv, strided conv with a sub-pixel input gradient, batch chunking) are
+exact rewrites; they must agree with lax.conv_transpose / lax.conv_general_dilated to float32 rounding, and
+WNConv's parameters must be interchangeable between the two paths.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hvaeood import layers
+from hvaeood.layers import WNConv
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _rand(rng, shape, scale=1.0):
+  return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+
+def _inputs(seed, n, h, w, c, k, f):
+  rng = np.random.default_rng(seed)
+  return rng, _rand(rng, (n, h, w, c)), _rand(rng, (k, k, c, f), 1.0 / math.sqrt(k * k * c))
+
+
+def _check_same(f_ref, f_fast, x, w, rng):
+  """Values, and the vjp (dx, dw) for a random cotangent, of two functions of (x, w); one compile."""
+  ct = _rand(rng, jax.eval_shape(f_ref, x, w).shape)
+
+  @jax.jit
+  def both(x, w, ct):
+    y_ref, vjp_ref = jax.vjp(f_ref, x, w)
+    y_fast, vjp_fast = jax.vjp(f_fast, x, w)
+    return (y_ref,) + vjp_ref(ct), (y_fast,) + vjp_fast(ct)
+
+  for a_ref, a_fast in zip(*both(x, w, ct)):
+    assert a_fast.shape == a_ref.shape
+    np.testing.assert_allclose(a_fast, a_ref, **TOL)
+
+
+@pytest.mark.parametrize("k,s,h,w", [
+    (3, 2, 7, 7), (3, 2, 6, 9), (5, 2, 7, 7), (5, 2, 14, 8), (5, 2, 1, 3), (2, 2, 5, 4), (4, 2, 3, 6),
+    (5, 3, 3, 4)])
+def test_subpixel_transposed_conv_equals_conv_transpose(k, s, h, w):
+  rng, x, wt = _inputs(k * 100 + h, 2, h, w, 3, k, 4)
+  pads = (layers.transpose_pads(k, s),) * 2
+  _check_same(lambda x, wt: layers.conv_transpose_plain(x, wt, s, pads),
+              lambda x, wt: layers.conv_transpose_subpixel(x, wt, s, pads), x, wt, rng)
+
+
+@pytest.mark.parametrize("k,pads", [(3, ((0, 0), (0, 0))), (5, ((2, 1), (0, 3))), (5, ((4, 4), (1, 0))),
+                                    (3, ((-1, 2), (3, -1)))])
+def test_subpixel_transposed_conv_any_padding(k, pads):
+  rng, x, wt = _inputs(k + 7, 2, 5, 6, 3, k, 2)
+  _check_same(lambda x, wt: layers.conv_transpose_plain(x, wt, 2, pads),
+              lambda x, wt: layers.conv_transpose_subpixel(x, wt, 2, pads), x, wt, rng)
+
+
+@pytest.mark.parametrize("k,s,h,w", [
+    (3, 2, 14, 14), (3, 2, 7, 8), (5, 2, 28, 28), (5, 2, 7, 9), (5, 2, 2, 3), (3, 3, 9, 10)])
+def test_strided_conv_fast_gradient_equals_plain(k, s, h, w):
+  rng, x, wt = _inputs(k * 10 + h, 2, h, w, 3, k, 4)
+  pads = (layers.same_pads(h, k, s), layers.same_pads(w, k, s))
+  _check_same(lambda x, wt: layers.conv_plain(x, wt, s, pads),
+              lambda x, wt: layers.conv_strided_fastgrad(x, wt, s, pads), x, wt, rng)
+
+
+@pytest.mark.parametrize("k,s,h", [(5, 2, 28), (3, 2, 7)])
+def test_space_to_depth_conv_equals_plain(k, s, h):
+  """The rejected space-to-depth form (kept for the microbenchmark) is exact as well."""
+  rng, x, wt = _inputs(k + h, 2, h, h + 1, 3, k, 4)
+  pads = (layers.same_pads(h, k, s), layers.same_pads(h + 1, k, s))
+  _check_same(lambda x, wt: layers.conv_plain(x, wt, s, pads),
+              lambda x, wt: layers.conv_strided_s2d(x, wt, s, pads), x, wt, rng)
+
+
+def test_subpixel_kernel_uses_every_tap_once():
+  """Each weight of the k x k kernel lands in exactly one (tap, phase) slot of the combined kernel."""
+  for k, s in [(5, 2), (3, 2), (4, 2), (5, 3)]:
+    lo = layers.transpose_pads(k, s)[0]
+    ids = jnp.arange(1, k * k + 1, dtype=jnp.float32).reshape(k, k, 1, 1)
+    kern = np.asarray(jax.jit(layers.subpixel_kernel, static_argnums=(1, 2))(ids, s, (lo, lo)))
+    nonzero = np.sort(kern[kern != 0])
+    np.testing.assert_array_equal(nonzero, np.arange(1, k * k + 1))
+  # the shapes named in the docs: k5 s2 -> 3x3 taps, k3 s2 -> 2x2 taps, s*s*F output channels
+  shape = lambda k, lo: jax.eval_shape(lambda w: layers.subpixel_kernel(w, 2, (lo, lo)), jnp.ones((k, k, 3, 4))).shape
+  assert shape(5, 3) == (3, 3, 3, 16)
+  assert shape(3, 2) == (2, 2, 3, 16)
+
+
+@pytest.mark.parametrize("k,s,transpose,h", [
+    (5, 1, False, 9), (5, 2, False, 9), (3, 2, False, 8), (3, 2, True, 5), (5, 2, True, 6), (1, 1, False, 6)])
+def test_conv2d_batch_chunks_equal_plain(monkeypatch, k, s, transpose, h):
+  """With a tiny chunk budget conv2d splits the batch into unequal chunks; results are unchanged."""
+  monkeypatch.setattr(layers, "CONV_CHUNK_BYTES", 2000)
+  rng, x, wt = _inputs(k + h, 7, h, h, 3, k, 4)
+  out_hw = h * s if transpose else -(-h // s)
+  assert layers._num_chunks(x, (7, out_hw, out_hw, 4)) > 1
+  _check_same(lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=False),
+              lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True), x, wt, rng)
+
+
+def test_fast_conv_is_the_default():
+  assert layers.FAST_CONV is True
+  assert WNConv(4, 3).fast is None
+
+
+@pytest.mark.parametrize("k,s,transpose", [(5, 2, True), (3, 2, False)])
+def test_wnconv_params_interchangeable_between_paths(k, s, transpose):
+  """Same parameter tree (v, g, b) and same outputs whichever path initialises or applies the layer."""
+  rng = np.random.default_rng(k + s)
+  x = _rand(rng, (3, 6, 7, 4))
+  fast, plain = WNConv(5, k, s, transpose=transpose, fast=True), WNConv(5, k, s, transpose=transpose, fast=False)
+
+  @jax.jit
+  def run(x):
+    p_fast = fast.init(jax.random.key(0), x)["params"]
+    p_plain = plain.init(jax.random.key(0), x)["params"]
+    return p_fast, p_plain, fast.apply({"params": p_plain}, x), plain.apply({"params": p_fast}, x)
+
+  p_fast, p_plain, y_fast, y_plain = run(x)
+  assert sorted(p_fast) == ["b", "g", "v"]
+  assert jax.tree.map(jnp.shape, p_fast) == jax.tree.map(jnp.shape, p_plain)
+  assert p_fast["v"].shape == (k, k, 4, 5)
+  for name in ("v", "g", "b"):  # data-dependent init sees the same pre-activations on both paths
+    np.testing.assert_allclose(p_fast[name], p_plain[name], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(y_fast, y_plain, rtol=1e-4, atol=1e-4)
