@@ -5,10 +5,7 @@ workdir's latest checkpoint automatically. User errors (a flag or config field t
 workdir, a workdir in use by another run, ...) print one `error: ...` line and exit with status 2.
 """
 
-import logging
-import os
 import sys
-import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,18 +18,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _check_workdir(workdir: str) -> None:
   """Creates the workdir if needed and proves it writable; a ValueError naming the fix otherwise."""
-  if not workdir:
-    raise ValueError("--workdir is empty: pass the directory for checkpoints, logs and images, e.g. "
-                     "--workdir runs/fmnist.")
-  path = os.path.abspath(workdir)
-  try:
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f"Workdir {path} is not writable ({e.strerror or type(e).__name__}). Pass a writable "
-                     "--workdir.") from None
+  from hvaeood import cli  # pylint: disable=import-outside-toplevel
+  cli.ensure_writable_dir(workdir, "workdir", "checkpoints, logs and images, e.g. --workdir runs/fmnist")
 
 
 def main(argv):

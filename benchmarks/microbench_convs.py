@@ -5,11 +5,11 @@
   python benchmarks/microbench_convs.py --train_step configs/fashion_mnist_hvae.py [--batch 128] [--repeats 3]
 
 For every op (the FashionMNIST HVAE's conv shapes) and path it prints the median time of the forward pass and
-of the gradient (both dx and dw of <y, ct>, one jitted call) in ms of wall time, and GFLOP/s counted as the op's *useful*
-multiply-adds (2 * N * H_in * W_in * k^2 * C * F for a transposed conv, 2 * N * H_out * W_out * k^2 * C * F
-otherwise; the gradient counts twice that), so GFLOP/s compare paths directly. The last two columns are the
-process CPU time (all threads) of the same calls, the steadier figure when other jobs share the cores. XLA_FLAGS in the environment
-apply (set them before running, e.g. XLA_FLAGS=--xla_cpu_use_onednn=true).
+of the gradient (both dx and dw of <y, ct>, one jitted call) in ms of wall time, and GFLOP/s counted as the
+op's *useful* multiply-adds (2 * N * H_in * W_in * k^2 * C * F for a transposed conv, 2 * N * H_out * W_out *
+k^2 * C * F otherwise; the gradient counts twice that), so GFLOP/s compare paths directly. The last two
+columns are the process CPU time (all threads) of the same calls, the steadier figure when other jobs share the
+cores. XLA_FLAGS in the environment apply (set them before running, e.g. XLA_FLAGS=--xla_cpu_use_onednn=true).
 
 `--train_step CONFIG` instead times the whole jitted training step of CONFIG on a synthetic batch (the
 conv path as set by HVAEOOD_FAST_CONV) and prints one JSON line with the median wall and process-CPU seconds
@@ -131,7 +131,8 @@ def main(argv=None):
   n, c = args.batch, args.channels
   rng = np.random.default_rng(0)
   print(f"batch {n}, {c}->{c} channels, {dtype.name}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"{'op':10s} {'path':6s} {'fwd ms':>9s} {'GFLOP/s':>8s} {'grad ms':>9s} {'GFLOP/s':>8s} {'fwd cpu':>9s} {'grad cpu':>9s}")
+  print(f"{'op':10s} {'path':6s} {'fwd ms':>9s} {'GFLOP/s':>8s} {'grad ms':>9s} {'GFLOP/s':>8s}"
+        f" {'fwd cpu':>9s} {'grad cpu':>9s}")
   for name in args.ops.split(","):
     k, s, transpose, size = OPS[name]
     x = jnp.asarray(rng.standard_normal((n, size, size, c)), dtype)
@@ -148,7 +149,8 @@ def main(argv=None):
                               argnums=(0, 1)))
       t_f, c_f = bench(fwd, (x, w), args.repeats)
       t_g, c_g = (float("nan"),) * 2 if args.no_grad else bench(grad, (x, w, ct), args.repeats)
-      print(f"{name:10s} {path:6s} {t_f * 1e3:9.1f} {fl / t_f / 1e9:8.1f} {t_g * 1e3:9.1f} {2 * fl / t_g / 1e9:8.1f}"
+      print(f"{name:10s} {path:6s} {t_f * 1e3:9.1f} {fl / t_f / 1e9:8.1f} {t_g * 1e3:9.1f}"
+            f" {2 * fl / t_g / 1e9:8.1f}"
             f" {c_f * 1e3:9.1f} {c_g * 1e3:9.1f}", flush=True)
       if args.json:
         print(json.dumps({"op": name, "path": path, "fwd_ms": round(t_f * 1e3, 2), "grad_ms": round(t_g * 1e3, 2),

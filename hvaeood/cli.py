@@ -204,3 +204,31 @@ def check_config_loaded(config, spec: Optional[str]) -> None:
     return
   _load_config(spec or "")  # raises the one-line reason
   raise ValueError(f"Config {spec} does not load (get_config() returned {type(config).__name__}).")
+
+
+def ensure_writable_dir(path: str, flag: str, purpose: str) -> str:
+  """Creates directory `path` if needed and proves it writable; a ValueError naming `--flag` otherwise.
+
+  Args:
+    path: the directory.
+    flag: the command-line flag that gave it (for the message).
+    purpose: what goes there, e.g. "checkpoints, logs and images".
+
+  Returns:
+    The absolute path.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  if not path:
+    raise ValueError(f"--{flag} is empty: pass the directory for {purpose}.")
+  path = os.path.abspath(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    kind = "Workdir" if flag == "workdir" else "Output directory"
+    raise ValueError(f"{kind} {path} is not writable ({e.strerror or type(e).__name__}). Pass a writable "
+                     f"--{flag}.") from None
+  return path

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import zlib
 from typing import Any, Callable, Optional, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hvaeood import bounds
+from hvaeood import cli
 from hvaeood import checkpoints as ckpt
 from hvaeood import datasets_info
 from hvaeood import ood_metrics
@@ -218,19 +218,8 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> N
 
 def _prepare_output_dir(output_dir: str) -> str:
   """Creates `output_dir` if needed and proves it writable; a clear ValueError otherwise."""
-  if not output_dir:
-    raise ValueError("--output_dir is required: the directory for results.json, results.md, scores.npz and "
-                     "the plots.")
-  path = os.path.abspath(output_dir)
-  try:
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    reason = e.strerror or type(e).__name__
-    raise ValueError(f"Output directory {path} is not writable ({reason}). Pass a writable --output_dir.") from None
-  return path
+  return cli.ensure_writable_dir(output_dir, "output_dir",
+                                 "results.json, results.md, scores.npz and the plots")
 
 
 def _markdown(results: dict, table: dict, order: list[str], settings: dict) -> str:

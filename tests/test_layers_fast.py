@@ -87,7 +87,9 @@ def test_subpixel_kernel_uses_every_tap_once():
     nonzero = np.sort(kern[kern != 0])
     np.testing.assert_array_equal(nonzero, np.arange(1, k * k + 1))
   # the shapes named in the docs: k5 s2 -> 3x3 taps, k3 s2 -> 2x2 taps, s*s*F output channels
-  shape = lambda k, lo: jax.eval_shape(lambda w: layers.subpixel_kernel(w, 2, (lo, lo)), jnp.ones((k, k, 3, 4))).shape
+  def shape(k, lo):
+    return jax.eval_shape(lambda w: layers.subpixel_kernel(w, 2, (lo, lo)), jnp.ones((k, k, 3, 4))).shape
+
   assert shape(5, 3) == (3, 3, 3, 16)
   assert shape(3, 2) == (2, 2, 3, 16)
 
