@@ -9,13 +9,14 @@ helpers_reliability.reference_workdir), built by whichever module asks first.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import json
-import os
 import pathlib
+import re
 import socket
 import subprocess
+import sys
 import textwrap
-import time
 
 import pytest
 
@@ -207,27 +208,48 @@ def unwritable_output_dir(env):
 
 @case
 def eval_bad_flag_value(env):
-  return env.evaluate("eval_bad_flag_value", "--ood=mnist", "--iw_samples=many")
+  # The flags are parsed before the checkpoint is looked at: any path will do.
+  return env.evaluate("eval_bad_flag_value", "--ood=mnist", "--iw_samples=many",
+                      checkpoint=env.dir("eval_bad_flag_value") / "unused")
+
+
+class _Cases(dict):
+  """name -> future of a case's result; a case no selected test announced is started when first asked for."""
+
+  def __init__(self, pool, env):
+    super().__init__()
+    self.pool, self.env = pool, env
+
+  def __missing__(self, name):
+    self[name] = self.pool.submit(CASES[name], self.env)
+    return self[name]
 
 
 @pytest.fixture(scope="module")
-def results(tfds_data_dir, tmp_path_factory, pytestconfig):
+def results(tfds_data_dir, tmp_path_factory, pytestconfig, request):
   env = Env(tfds_data_dir, tmp_path_factory.mktemp("cli_errors"),
             tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared")
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
-  # Cases needing the reference checkpoint last, so that the quick ones overlap with its training run.
-  order = sorted(CASES, key=lambda n: n in ("resume_with_other_model", "checkpoint_config_mismatch",
-                                            "unknown_ood_dataset", "ood_shape_mismatch", "iw_samples_zero",
-                                            "k_out_of_range", "eval_batch_not_divisible",
-                                            "unwritable_output_dir", "eval_bad_flag_value"))
-  futures = {name: pool.submit(CASES[name], env) for name in order}
-  pool.shutdown(wait=False)
+  # The cases of the selected tests, all at once; those needing the reference checkpoint last, so that the
+  # quick ones overlap with its training run.
+  module = sys.modules[__name__]
+  wanted = set()
+  for item in request.session.items:
+    if getattr(item, "module", None) is module and getattr(item, "function", None) is not None:
+      wanted.update(re.findall(r'get\(results, "(\w+)"\)', inspect.getsource(item.function)))
+  needs_reference = ("resume_with_other_model", "checkpoint_config_mismatch", "unknown_ood_dataset",
+                     "ood_shape_mismatch", "iw_samples_zero", "k_out_of_range", "eval_batch_not_divisible",
+                     "unwritable_output_dir")
+  futures = _Cases(pool, env)
+  for name in sorted((n for n in CASES if n in wanted), key=lambda n: n in needs_reference):
+    futures[name]  # pylint: disable=pointless-statement
   yield futures
   for f in futures.values():
     f.cancel()
+  pool.shutdown(wait=False)
   # The messages, for the record (shown with the test summary).
   lines = []
-  for name, f in futures.items():
+  for name, f in list(futures.items()):
     if f.done() and not f.cancelled() and f.exception() is None:
       res = f.result()[0]
       lines.append(f"  {name:28s} exit {res.rc}  {(res.error_lines or ['(no error line)'])[-1]}")

@@ -201,8 +201,20 @@ def _evaluate_twice(ref: pathlib.Path, base: pathlib.Path) -> dict:
   return {"rcs": [r.wait(TIMEOUT) for r in runs], "logs": [r.log() for r in runs], "outs": outs}
 
 
+CHAINS = ("reference", "kill", "sigterm", "corrupt", "nan", "evaluate")  # start order
+NEEDS_REFERENCE = ("corrupt", "evaluate")
+
+
+def uses(*names):
+  """Marks the background chains a test reads, so that a partial run (-k) starts only those."""
+  def mark(fn):
+    fn.reliability_chains = names
+    return fn
+  return mark
+
+
 @pytest.fixture(scope="module")
-def chains(tfds_data_dir, tmp_path_factory, pytestconfig):
+def chains(tfds_data_dir, tmp_path_factory, pytestconfig, request):
   base = tmp_path_factory.mktemp("reliability")
   shared = tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared"
   logs = base / "logs"
@@ -211,19 +223,38 @@ def chains(tfds_data_dir, tmp_path_factory, pytestconfig):
   seed = int(os.environ.get("HVAEOOD_KILL_SEED", "0"))
   kills = int(os.environ.get("HVAEOOD_KILLS", "4"))
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
-  f = {}
-  f["reference"] = pool.submit(R.reference_workdir, shared, tfds_data_dir)
-  f["kill"] = pool.submit(_kill_chain, cfg, base / "kill", logs, seed, kills)
-  f["sigterm"] = pool.submit(_sigterm_chain, cfg, base / "sigterm", logs)
-  f["corrupt"] = pool.submit(lambda: _corrupt_resume(f["reference"].result(), cfg, base))
-  f["nan"] = pool.submit(_nan_run, cfg, base / "nan", logs)
-  f["evaluate"] = pool.submit(lambda: _evaluate_twice(f["reference"].result(), base))
-  pool.shutdown(wait=False)
+  futures = {}
+
+  def submit(name):
+    if name not in futures:
+      if name in NEEDS_REFERENCE:
+        submit("reference")
+      makers = {
+          "reference": lambda: R.reference_workdir(shared, tfds_data_dir),
+          "kill": lambda: _kill_chain(cfg, base / "kill", logs, seed, kills),
+          "sigterm": lambda: _sigterm_chain(cfg, base / "sigterm", logs),
+          "corrupt": lambda: _corrupt_resume(futures["reference"].result(), cfg, base),
+          "nan": lambda: _nan_run(cfg, base / "nan", logs),
+          "evaluate": lambda: _evaluate_twice(futures["reference"].result(), base),
+      }
+      futures[name] = pool.submit(makers[name])
+    return futures[name]
+
+  module = sys.modules[__name__]
+  wanted = set()
+  for item in request.session.items:
+    fn = getattr(item, "function", None)
+    if getattr(item, "module", None) is module and fn is not None:
+      wanted.update(getattr(fn, "reliability_chains", ()))
+  for name in CHAINS:
+    if name in wanted:
+      submit(name)
   t0 = time.time()
-  yield {"futures": f, "base": base, "cfg": cfg, "seed": seed}
-  for fut in f.values():
+  yield {"submit": submit, "base": base, "cfg": cfg, "seed": seed}
+  for fut in futures.values():
     fut.cancel()
-  concurrent.futures.wait(list(f.values()), timeout=TIMEOUT)
+  concurrent.futures.wait(list(futures.values()), timeout=TIMEOUT)
+  pool.shutdown(wait=False)
   usage = resource.getrusage(resource.RUSAGE_CHILDREN)
   reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
   capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
@@ -234,7 +265,7 @@ def chains(tfds_data_dir, tmp_path_factory, pytestconfig):
 
 
 def _get(chains, name):
-  return chains["futures"][name].result(timeout=3 * TIMEOUT)
+  return chains["submit"](name).result(timeout=3 * TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +284,7 @@ def _say(capsys, text):
 # kill -9
 
 
+@uses("kill")
 def test_kill9_restarts_resume_from_last_complete_checkpoint(chains, capsys):
   out = _get(chains, "kill")
   recs = out["records"]
@@ -275,6 +307,7 @@ def test_kill9_restarts_resume_from_last_complete_checkpoint(chains, capsys):
   _say(capsys, "kill -9 chain:\n" + "\n".join(rows))
 
 
+@uses("kill")
 def test_kill9_during_checkpoint_write_never_resumes_partial(chains):
   recs = _get(chains, "kill")["records"]
   during = [r for r in recs if r["kind"] == "checkpoint-write"]
@@ -289,6 +322,7 @@ def test_kill9_during_checkpoint_write_never_resumes_partial(chains):
     assert r["resumed_from"] == (r["complete_after"][-1] if r["complete_after"] else None)
 
 
+@uses("reference", "kill")
 def test_kill9_final_state_identical_to_uninterrupted_run(chains, reference, capsys):
   out = _get(chains, "kill")
   state, _ = R.load_state(out["workdir"], N)
@@ -300,6 +334,7 @@ def test_kill9_final_state_identical_to_uninterrupted_run(chains, reference, cap
   assert survived == tried
 
 
+@uses("kill")
 def test_kill9_stale_lock_taken_over(chains):
   recs = _get(chains, "kill")["records"]
   held = [r for r in recs if r["lock_after"]]
@@ -314,6 +349,7 @@ def test_kill9_stale_lock_taken_over(chains):
 # Two trainers, SIGTERM
 
 
+@uses("sigterm")
 def test_second_trainer_on_same_workdir_refuses(chains):
   out = _get(chains, "sigterm")
   assert out["loser_rc"] == 2, out["loser_log"][-3000:]
@@ -324,6 +360,7 @@ def test_second_trainer_on_same_workdir_refuses(chains):
   assert "Traceback" not in out["loser_log"]
 
 
+@uses("sigterm")
 def test_sigterm_checkpoints_and_exits_cleanly(chains):
   out = _get(chains, "sigterm")
   assert out["winner_rc"] == 0, out["winner_log"][-3000:]
@@ -335,6 +372,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(chains):
   assert out["sigterm_exit_s"] < 120
 
 
+@uses("reference", "sigterm")
 def test_sigterm_resume_continues_and_matches_uninterrupted(chains, reference):
   out = _get(chains, "sigterm")
   assert out["resume_rc"] == 0, out["resume_log"][-3000:]
@@ -347,6 +385,7 @@ def test_sigterm_resume_continues_and_matches_uninterrupted(chains, reference):
 # Corrupted checkpoints
 
 
+@uses("reference", "corrupt")
 def test_corrupt_latest_checkpoint_training_warns_and_falls_back(chains, reference):
   out = _get(chains, "corrupt")
   log = out["log"]
@@ -359,6 +398,7 @@ def test_corrupt_latest_checkpoint_training_warns_and_falls_back(chains, referen
   R.assert_states_equal(state, reference["state"], "resume after a corrupted checkpoint vs uninterrupted run")
 
 
+@uses("reference")
 def test_corrupt_latest_checkpoint_evaluate_refuses(chains, tmp_path):
   ref = _get(chains, "reference")
   wd = R.copy_workdir(ref, tmp_path / "wd")
@@ -377,6 +417,7 @@ def _drop_manifest(wd, step):
   (wd / "checkpoints" / str(step) / ckpt.FILES_MANIFEST).unlink()
 
 
+@uses("reference")
 def test_garbled_checkpoint_never_loads_silently(chains, tmp_path):
   """Flip bytes in each array file of a checkpoint, one at a time: it must be refused or load unchanged.
 
@@ -421,6 +462,7 @@ def test_garbled_checkpoint_never_loads_silently(chains, tmp_path):
 
 
 @pytest.mark.parametrize("manifest", [True, False], ids=["file-manifest", "state-checksum"])
+@uses("reference")
 def test_garbled_latest_checkpoint_training_falls_back(chains, reference, tmp_path, caplog, manifest):
   """restore_latest_good (what training resumes with) warns about, sets aside and skips a garbled checkpoint."""
   from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
@@ -465,6 +507,7 @@ def _nan_metrics(out):
   return rows
 
 
+@uses("nan")
 def test_nonfinite_updates_skipped_counted_and_training_continues(chains):
   out = _get(chains, "nan")
   m = _nan_metrics(out)
@@ -490,6 +533,7 @@ def test_nonfinite_updates_skipped_counted_and_training_continues(chains):
   assert int(s8.skipped) == 2 and int(s8.consecutive_skips) == 0
 
 
+@uses("nan")
 def test_consecutive_nonfinite_updates_stop_the_run(chains):
   out = _get(chains, "nan")
   log = out["log"]
@@ -597,6 +641,7 @@ def test_stale_lock_race_has_exactly_one_winner(tmp_path):
 # Determinism
 
 
+@uses("reference", "sigterm", "nan")
 def test_same_seed_gives_identical_first_losses(chains, reference):
   ref = reference["losses"]
   assert sorted(ref) == list(range(1, N + 1)) and all(len(v) == 1 for v in ref.values())
@@ -610,6 +655,7 @@ def test_same_seed_gives_identical_first_losses(chains, reference):
     assert nan[s] == ref[s], (s, nan[s], ref[s])
 
 
+@uses("reference", "kill", "sigterm", "corrupt")
 def test_resumed_runs_log_the_same_losses(chains, reference):
   ref = reference["losses"]
   for name in ("kill", "sigterm", "corrupt"):
@@ -619,6 +665,7 @@ def test_resumed_runs_log_the_same_losses(chains, reference):
         assert all(v == ref[step][0] for v in values), (name, step, values, ref[step])
 
 
+@uses("evaluate")
 def test_evaluate_twice_gives_identical_scores(chains):
   out = _get(chains, "evaluate")
   assert out["rcs"] == [0, 0], [l[-2000:] for l in out["logs"]]

@@ -158,10 +158,12 @@ def test_run_writes_checkpoints_config_summary_and_images(tiny_run):
   assert summary['eval_bits_per_dim'] == pytest.approx(-summary['eval_elbo'] / (784 * np.log(2)), rel=1e-5)
   # The sample grid of the evaluation at step 30: a real PNG of 4 samples of 28 x 28.
   pngs = sorted(glob.glob(os.path.join(workdir, 'images', '*.png')))
-  assert [os.path.basename(p) for p in pngs] == ['samples_00000030.png'], pngs
+  assert sorted(os.path.basename(p) for p in pngs) == [
+      'reconstructions_00000030.png', 'samples_00000030.png'], pngs
   import matplotlib.image  # pylint: disable=import-outside-toplevel
-  img = matplotlib.image.imread(pngs[0])
-  assert img.ndim in (2, 3) and min(img.shape[:2]) >= 28, img.shape
+  for p in pngs:
+    img = matplotlib.image.imread(p)
+    assert img.ndim in (2, 3) and min(img.shape[:2]) >= 28, (p, img.shape)
   assert np.ptp(img) > 0  # not a blank image
   # The latest checkpoint loads for evaluation and is the state at step 30.
   loaded = ckpt.load_for_eval(workdir)
