@@ -116,10 +116,8 @@ def cpu_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def tiny_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few-thousand-parameter model for tests and CI (seconds per step budget on CPU)."""
   m = config.model
-  n = len(m.kernels)
   m.channels = tuple((8,) * len(c) for c in m.channels)
   m.latent_dims = tuple(min(d, 4) for d in m.latent_dims)
-  del n
   config.train.batch_size = 16
   config.train.num_steps = 20
   config.train.log_every_steps = 5

@@ -204,7 +204,6 @@ class HVAE(nn.Module):
     sp = self.spec
     dt = jnp.dtype(sp.compute_dtype)
     enc_shapes = sp.encoder_output_shapes()
-    L = sp.num_layers
     ladder = sp.inference == "ladder"
     self.encoders = [
         _Stack(st.channels, st.kernel, st.strides, residual_first=(i > 0), upsample=False,
@@ -231,7 +230,6 @@ class HVAE(nn.Module):
         for i, st in enumerate(sp.stages[:-1])] if ladder else []
     self.likelihood = D.LIKELIHOODS[sp.likelihood](sp.image_shape[-1], dtype=dt, name="likelihood",
                                                    **({"nr_mix": sp.nr_mix} if sp.likelihood == "dlm" else {}))
-    del L
 
   def _check_input(self, x: Array) -> None:
     if tuple(x.shape[1:]) != self.spec.image_shape:
@@ -288,7 +286,7 @@ class HVAE(nn.Module):
 
     # ---- generation (top-down pass)
     kl, kl_elem = [None] * L, [None] * L
-    skips = None
+    d = skips = None  # the top stage sets d before any prior head reads it
     for i in reversed(range(L)):
       if i == L - 1:
         p = None
@@ -325,7 +323,7 @@ class HVAE(nn.Module):
     dt = jnp.dtype(sp.compute_dtype)
     L = sp.num_layers
     z = temperature * jax.random.normal(self.make_rng("sample"), (num,) + sp.latent_shapes()[-1])
-    skips = None
+    d = skips = None
     for i in reversed(range(L)):
       if i < L - 1:
         p = self.p_heads[i](d)
