@@ -236,11 +236,11 @@ def _conv_strided_fastgrad_bwd(stride, pads, res, ct):
 conv_strided_fastgrad.defvjp(_conv_strided_fastgrad_fwd, _conv_strided_fastgrad_bwd)
 
 
-CONV_CHUNK_BYTES = 8 << 20
+CONV_CHUNK_BYTES = int(os.environ.get("HVAEOOD_CONV_CHUNK_BYTES", 8 << 20))
 """The fast path splits a conv's batch into static chunks whose input and output stay under about this many
 bytes (at most `CONV_MAX_CHUNKS` chunks): the gradient convs (and the transposes XLA:CPU puts around the weight
 gradient) then run in cache, 13-33% less CPU time at batch 128 and 28x28x64 (benchmarks/README.md). 0 turns
-chunking off."""
+chunking off (also the environment variable `HVAEOOD_CONV_CHUNK_BYTES`)."""
 CONV_MAX_CHUNKS = 8
 
 
