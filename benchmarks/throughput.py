@@ -75,6 +75,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--max_rows", type=int, default=None)
   ap.add_argument("--compute_dtype", default=None)
   ap.add_argument("--skip_train", action="store_true")
+  ap.add_argument("--num_devices", type=int, default=None, help="use the first N devices (default: all)")
   ap.add_argument("--skip_eval", action="store_true")
   args = ap.parse_args(argv)
 
@@ -88,13 +89,14 @@ def main(argv=None) -> dict:
   shape = model.spec.image_shape
   binary = config.model.likelihood == "bernoulli"
   rng = np.random.default_rng(0)
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(args.num_devices)
   n_dev = mesh.devices.size
   bs = config.train.batch_size
   train.check_batch(bs, mesh)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   result = {"config": args.config, "batch_size": bs, "device_kind": jax.devices()[0].device_kind,
-            "device_count": n_dev, "backend": jax.default_backend(), "compute_dtype": config.model.compute_dtype}
+            "device_count": n_dev, "backend": jax.default_backend(), "compute_dtype": config.model.compute_dtype,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
   x = jax.device_put(synthetic_batch(rng, bs, shape, binary), sharded)
   state = jax.jit(lambda b: train.create_train_state(config, model, b), out_shardings=replicated)(x)
@@ -106,7 +108,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, x).compile()
     result["compile_s"] = time.perf_counter() - t0
-    flops = cost_flops(compiled)
+    flops = cost_flops(compiled) * n_dev  # XLA's cost analysis counts one device's share of the SPMD program.
     holder = {"state": state}
 
     def one_step():
@@ -139,7 +141,7 @@ def main(argv=None) -> dict:
     result["eval_batch_size"] = eb
     result["iw_samples"] = args.iw_samples
     result["eval_img_per_s"] = eb / statistics.median(times)
-    result["eval_flops_per_image"] = cost_flops(ev_c) / eb
+    result["eval_flops_per_image"] = cost_flops(ev_c) * n_dev / eb
 
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)

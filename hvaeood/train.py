@@ -187,8 +187,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
 # Mesh and data placement
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()), ("data",))
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D 'data' mesh over every device (or the first `num_devices`, for benchmarks)."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available; choose 1.."
+                       f"{len(devices)}.")
+    devices = devices[:num_devices]
+  return Mesh(np.array(devices), ("data",))
 
 
 def check_batch(global_batch: int, mesh: Mesh) -> None:

@@ -1,4 +1,8 @@
-"""Model family: the paper's HVAE (bottom-up or ladder inference); BIVA lives in `biva.py` when built."""
+"""Model family: the paper's HVAE (bottom-up or ladder inference, `hvae.py`) and BIVA (`biva.py`).
+
+Both return the same `Output` from `__call__(x, n_skip, prior_sample)`, so bounds, training and evaluation
+are shared. `biva.py` is imported on first use.
+"""
 
 from __future__ import annotations
 
