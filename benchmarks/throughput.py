@@ -77,6 +77,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--skip_train", action="store_true")
   ap.add_argument("--num_devices", type=int, default=None, help="use the first N devices (default: all)")
   ap.add_argument("--skip_eval", action="store_true")
+  ap.add_argument("--eval_compile_only", action="store_true",
+                  help="compile the evaluation and report XLA's memory analysis without running it")
   args = ap.parse_args(argv)
 
   from hvaeood import bounds, train  # pylint: disable=import-outside-toplevel
@@ -136,10 +138,17 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     ev_c = ev.lower(state.params, xe, jax.random.PRNGKey(0)).compile()
     result["eval_compile_s"] = time.perf_counter() - t0
-    jax.block_until_ready(ev_c(state.params, xe, jax.random.PRNGKey(0)))
-    times = timed(lambda: ev_c(state.params, xe, jax.random.PRNGKey(1)).elbo, args.eval_steps, args.repeats)
     result["eval_batch_size"] = eb
     result["iw_samples"] = args.iw_samples
+    mem = ev_c.memory_analysis()
+    if mem is not None:  # per device: XLA's planned peak of temporaries, and the arguments and outputs
+      result["eval_xla_temp_mb"] = mem.temp_size_in_bytes / 2**20
+      result["eval_xla_args_out_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20
+    if args.eval_compile_only:
+      args.eval_steps = 0
+  if not args.skip_eval and args.eval_steps > 0:
+    jax.block_until_ready(ev_c(state.params, xe, jax.random.PRNGKey(0)))
+    times = timed(lambda: ev_c(state.params, xe, jax.random.PRNGKey(1)).elbo, args.eval_steps, args.repeats)
     result["eval_img_per_s"] = eb / statistics.median(times)
     result["eval_flops_per_image"] = cost_flops(ev_c) * n_dev / eb
 
