@@ -46,7 +46,7 @@ def table(rows: list[dict], key: str) -> str:
   out = [head, "|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     out.append(f"| {r[key]} | {r['train_img_per_s']:.1f} | {r['achieved_gflops']:.1f} | {r['compile_s']:.1f} | "
-               f"{r.get('eval_img_per_s', float('nan')):.1f} | {r['peak_rss_mb']:.0f} |")
+               f"{(format(r['eval_img_per_s'], '.1f') if 'eval_img_per_s' in r else '-')} | {r['peak_rss_mb']:.0f} |")
   return "\n".join(out)
 
 
