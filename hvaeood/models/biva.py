@@ -50,7 +50,7 @@ import ml_collections
 
 from hvaeood import distributions as D
 # The HVAE's building blocks are reused as they are: the same residual stacks, Gaussian heads and projections.
-from hvaeood.models.hvae import Output, StageSpec
+from hvaeood.models.hvae import Output, StageShapes, StageSpec
 from hvaeood.models.hvae import _GaussianHead, _Projection, _row_mask, _Stack, _tile  # pylint: disable=protected-access
 
 Array = jax.Array
@@ -59,7 +59,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
-class BIVASpec:
+class BIVASpec(StageShapes):
   """Hashable, validated BIVA description built from `config.model` (see `biva_spec_from_config`).
 
   Every stage uses its `StageSpec` for both inference paths (Enc^BU_l and Enc^TD_l have the same blocks) and for
@@ -81,21 +81,6 @@ class BIVASpec:
   def num_latent_variables(self) -> int:
     """2L - 1: a TD and a BU latent per intermediate stage, one at the top."""
     return 2 * len(self.stages) - 1
-
-  def encoder_output_shapes(self) -> tuple[tuple[int, int, int], ...]:
-    """(H, W, C) of h^BU_l and h^TD_l for every stage (SAME convs: ceil division by each stride)."""
-    h, w, _ = self.image_shape
-    shapes = []
-    for st in self.stages:
-      for s in st.strides:
-        h, w = -(-h // s), -(-w // s)
-      shapes.append((h, w, st.channels[-1]))
-    return tuple(shapes)
-
-  def latent_shapes(self) -> tuple[tuple[int, ...], ...]:
-    """Per-example shape of each stage's latents (z^TD_l and z^BU_l share it): (H, W, c) conv, (c,) dense."""
-    return tuple((hs[0], hs[1], st.latent_dim) if st.latent == "conv" else (st.latent_dim,)
-                 for hs, st in zip(self.encoder_output_shapes(), self.stages))
 
 
 def _field_error(field: str, problem: str, fix: str) -> ValueError:

@@ -43,23 +43,11 @@ class StageSpec:
   latent_dim: int
 
 
-@dataclasses.dataclass(frozen=True)
-class HVAESpec:
-  """Hashable, validated model description built from `config.model` (see `spec_from_config`)."""
-  image_shape: tuple[int, int, int]
-  stages: tuple[StageSpec, ...]
-  likelihood: str = "bernoulli"
-  nr_mix: int = 10
-  inference: str = "bottom_up"
-  aux_identity_add: bool = False
-  compute_dtype: str = "float32"
-
-  @property
-  def num_layers(self) -> int:
-    return len(self.stages)
+class StageShapes:
+  """Shapes that follow from `image_shape` and `stages` (shared by the HVAE's and BIVA's specs)."""
 
   def encoder_output_shapes(self) -> tuple[tuple[int, int, int], ...]:
-    """(H, W, C) of h_l for every stage, given SAME convs (ceil division by each stride)."""
+    """(H, W, C) of h_l (the encoders' outputs) for every stage, given SAME convs (ceil division by each stride)."""
     h, w, _ = self.image_shape
     shapes = []
     for st in self.stages:
@@ -72,6 +60,22 @@ class HVAESpec:
     """Per-example shape of each z_l: (H, W, c) for a conv latent (at h_l's resolution), (c,) for dense."""
     return tuple((hs[0], hs[1], st.latent_dim) if st.latent == "conv" else (st.latent_dim,)
                  for hs, st in zip(self.encoder_output_shapes(), self.stages))
+
+
+@dataclasses.dataclass(frozen=True)
+class HVAESpec(StageShapes):
+  """Hashable, validated model description built from `config.model` (see `spec_from_config`)."""
+  image_shape: tuple[int, int, int]
+  stages: tuple[StageSpec, ...]
+  likelihood: str = "bernoulli"
+  nr_mix: int = 10
+  inference: str = "bottom_up"
+  aux_identity_add: bool = False
+  compute_dtype: str = "float32"
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.stages)
 
 
 def spec_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]) -> HVAESpec:
