@@ -13,13 +13,17 @@ __version__ = "0.1.0"
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
-def _jaxlib_at_least(major: int, minor: int) -> bool:
+def _jaxlib_version() -> tuple[int, int]:
   try:
     from importlib import metadata  # pylint: disable=import-outside-toplevel
     parts = metadata.version("jaxlib").split(".")
-    return (int(parts[0]), int(parts[1])) >= (major, minor)
+    return int(parts[0]), int(parts[1])
   except Exception:  # pylint: disable=broad-except
-    return False
+    return (0, 0)
+
+
+# jaxlib releases in which the flag was checked to exist (XLA aborts on an unknown XLA_FLAGS entry).
+_CHECKED_JAXLIB = ((0, 10),)
 
 
 def _xla_cpu_defaults() -> None:
@@ -29,12 +33,13 @@ def _xla_cpu_defaults() -> None:
   training +19% and evaluation +66% images/s for the FashionMNIST model (benchmarks/README.md, change 6).
   Only the CPU backend reads the flag. It is added to `XLA_FLAGS` unless that already sets it, or the
   environment sets `HVAEOOD_XLA_CPU_DEFAULTS=0`; it only takes effect if JAX's CPU backend has not started yet
-  (import hvaeood before running JAX computations). Older jaxlibs, which lack the flag, are left alone.
+  (import hvaeood before running JAX computations). It is only added for the jaxlib releases in
+  `_CHECKED_JAXLIB`, since XLA aborts on a flag it does not know.
   """
   if _os.environ.get("HVAEOOD_XLA_CPU_DEFAULTS", "1") == "0":
     return
   flags = _os.environ.get("XLA_FLAGS", "")
-  if _YNN_FLAG in flags or not _jaxlib_at_least(0, 8):
+  if _YNN_FLAG in flags or _jaxlib_version() not in _CHECKED_JAXLIB:
     return
   _os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
 
