@@ -270,8 +270,15 @@ def test_prior_sample_only_changes_skipped_layers(tiny):
   change log p(x|z) but not the KL terms of the layers above k (their z are the same posterior samples)."""
   model, params, x = tiny
   ks = [0, 1, 2]
-  mode = _fwd(model, params, x, ks, 7, prior_sample=False)
-  samp = _fwd(model, params, x, ks, 7, prior_sample=True)
+  assert_prior_sample_changes_only_skipped(_fwd(model, params, x, ks, 7, prior_sample=False),
+                                           _fwd(model, params, x, ks, 7, prior_sample=True), ks)
+
+
+def assert_prior_sample_changes_only_skipped(mode, samp, ks):
+  """Outputs of the same replicas `ks` and key with prior_sample False (`mode`) and True (`samp`): k = 0 rows are
+  identical; k >= 1 rows change log p(x|z) but not the KL terms of the layers (stages) above k; skipped ones carry
+  no KL. Shared with the BIVA tests."""
+  num_layers = len(mode.kl)
   np.testing.assert_array_equal(_np(mode.log_px[0]), _np(samp.log_px[0]))
   for a, b in zip(mode.kl, samp.kl):
     np.testing.assert_array_equal(_np(a[0]), _np(b[0]))
@@ -279,7 +286,7 @@ def test_prior_sample_only_changes_skipped_layers(tiny):
     if k == 0:
       continue
     assert np.all(_np(mode.log_px[r]) != _np(samp.log_px[r]))
-    for i in range(k, 3):
+    for i in range(k, num_layers):
       np.testing.assert_array_equal(_np(mode.kl[i][r]), _np(samp.kl[i][r]))
     for i in range(k):
       np.testing.assert_array_equal(_np(samp.kl[i][r]), 0.0)
