@@ -51,7 +51,7 @@ import ml_collections
 from hvaeood import distributions as D
 # The HVAE's building blocks are reused as they are: the same residual stacks, Gaussian heads and projections.
 from hvaeood.models.hvae import Output, StageShapes, StageSpec
-from hvaeood.models.hvae import _GaussianHead, _Projection, _row_mask, _Stack, _tile  # pylint: disable=protected-access
+from hvaeood.models.hvae import _GaussianHead, _likelihood_output, _Projection, _row_mask, _Stack, _tile  # pylint: disable=protected-access
 
 Array = jax.Array
 
@@ -280,10 +280,7 @@ class BIVA(nn.Module):
       self.sow("intermediates", f"z_bu{i + 1}", z_bu_i)
       d, skips = self._decode(i, jnp.concatenate([z_td, z_bu_i], axis=-1), skips)
 
-    lik_params = self.likelihood(d)
-    log_px = self.likelihood.log_prob(_tile(x, R), lik_params)
-    return Output(log_px.reshape(R, B), tuple(kl), tuple(kl_elem),
-                  lik_params.reshape((R, B) + lik_params.shape[1:]))
+    return _likelihood_output(self.likelihood, d, x, R, kl, kl_elem)
 
   def generate(self, num: int, temperature: float = 1.0) -> tuple[Array, Array]:
     """Ancestral samples from the prior: returns (mean images, sampled images), each [num, H, W, C]."""

@@ -190,6 +190,14 @@ class _Projection(nn.Module):
     return WNDense(math.prod(self.shape), dtype=self.dtype, name="dense")(z).reshape((-1,) + self.shape)
 
 
+def _likelihood_output(likelihood: nn.Module, d: Array, x: Array, R: int, kl, kl_elem) -> Output:
+  """p(x | z) from the bottom decoder state d [R*B, ...] for the R replicas of x [B, ...], packed as an `Output`."""
+  B = x.shape[0]
+  lik_params = likelihood(d)
+  log_px = likelihood.log_prob(_tile(x, R), lik_params)
+  return Output(log_px.reshape(R, B), tuple(kl), tuple(kl_elem), lik_params.reshape((R, B) + lik_params.shape[1:]))
+
+
 def _tile(x: Array, r: int) -> Array:
   """[B, ...] -> [R*B, ...] with replica-major order."""
   return jnp.broadcast_to(x[None], (r,) + x.shape).reshape((r * x.shape[0],) + x.shape[1:])
@@ -316,10 +324,7 @@ class HVAE(nn.Module):
       kl[i] = jnp.sum(elem.reshape(R, B, -1), axis=-1)
       d, skips = self.decoders[i](self.p_projs[i](z.astype(dt)), skips)
 
-    lik_params = self.likelihood(d)
-    log_px = self.likelihood.log_prob(_tile(x, R), lik_params)
-    return Output(log_px.reshape(R, B), tuple(kl), tuple(kl_elem),
-                  lik_params.reshape((R, B) + lik_params.shape[1:]))
+    return _likelihood_output(self.likelihood, d, x, R, kl, kl_elem)
 
   def generate(self, num: int, temperature: float = 1.0) -> tuple[Array, Array]:
     """Ancestral samples from the prior: returns (mean images, sampled images), each [num, H, W, C]."""
