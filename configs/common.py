@@ -76,6 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def use_svhn(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Swaps a CIFAR10 config's data for SVHN (svhn_cropped), with CIFAR10 as its OOD set."""
+  config.data.name = "svhn_cropped"
+  config.data.shuffle_buffer = 80_000  # >= the 73,257 training images: a full permutation every epoch
+  config.eval.ood_datasets = ("cifar10",)
+  return config
+
+
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """Returns the config for `paper` (unchanged), `cpu` or `tiny`."""
   variant = variant or "paper"

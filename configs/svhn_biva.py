@@ -9,12 +9,9 @@ on SVHN too (bits/dim table) but gives no time for it (a week for CIFAR10 on a G
 implementation see README.
 """
 
-from configs import cifar10_biva
+from configs import cifar10_biva, common
 
 
 def get_config(variant: str = "paper"):
-  config = cifar10_biva.get_config("paper")
-  config.data.name = "svhn_cropped"
-  config.data.shuffle_buffer = 80_000  # >= the 73,257 training images: a full permutation every epoch
-  config.eval.ood_datasets = ("cifar10",)
+  config = common.use_svhn(cifar10_biva.get_config("paper"))
   return cifar10_biva.apply_biva_variant(config, variant)

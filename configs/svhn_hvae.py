@@ -15,8 +15,5 @@ from configs import cifar10_hvae, common
 
 
 def get_config(variant: str = "paper"):
-  config = cifar10_hvae.get_config("paper")
-  config.data.name = "svhn_cropped"
-  config.data.shuffle_buffer = 80_000  # >= the 73,257 training images: a full permutation every epoch
-  config.eval.ood_datasets = ("cifar10",)
+  config = common.use_svhn(cifar10_hvae.get_config("paper"))
   return common.apply_variant(config, variant)

@@ -51,7 +51,7 @@ import ml_collections
 from hvaeood import distributions as D
 # The HVAE's building blocks are reused as they are: the same residual stacks, Gaussian heads and projections.
 from hvaeood.models.hvae import Output, StageShapes, StageSpec
-from hvaeood.models.hvae import _GaussianHead, _likelihood_output, _Projection, _row_mask, _Stack, _tile  # pylint: disable=protected-access
+from hvaeood.models.hvae import _GaussianHead, _likelihood_output, _Projection, _replicas, _row_mask, _Stack, _tile  # pylint: disable=protected-access
 
 Array = jax.Array
 
@@ -198,11 +198,6 @@ class BIVA(nn.Module):
     self.likelihood = D.LIKELIHOODS[sp.likelihood](sp.image_shape[-1], dtype=dt, name="likelihood",
                                                    **({"nr_mix": sp.nr_mix} if sp.likelihood == "dlm" else {}))
 
-  def _check_input(self, x: Array) -> None:
-    if tuple(x.shape[1:]) != self.spec.image_shape:
-      raise ValueError(f"Input images have shape {tuple(x.shape[1:])} but the model was built for "
-                       f"{self.spec.image_shape} (H, W, C); use a dataset of that shape or a matching config.")
-
   def _decode(self, i: int, z: Array, skips) -> tuple[Array, list[Array]]:
     dt = jnp.dtype(self.spec.compute_dtype)
     return self.decoders[i](self.z_projs[i](z.astype(dt)), _fit(skips, len(self.spec.stages[i].strides)))
@@ -220,12 +215,9 @@ class BIVA(nn.Module):
     Returns:
       An `Output` with leading axes [R, B]; `kl` per stage, `kl_elem` per latent variable (2L-1 entries).
     """
-    self._check_input(x)
     sp = self.spec
     L = sp.num_layers
-    n_skip = jnp.atleast_1d(jnp.asarray(n_skip, jnp.int32))
-    R, B = n_skip.shape[0], x.shape[0]
-    skip = jnp.repeat(n_skip, B)  # [R*B], replica-major like _tile
+    R, B, skip = _replicas(sp, x, n_skip)
     dt = jnp.dtype(sp.compute_dtype)
     blocks = [len(st.strides) for st in sp.stages]
 

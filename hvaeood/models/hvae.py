@@ -190,6 +190,17 @@ class _Projection(nn.Module):
     return WNDense(math.prod(self.shape), dtype=self.dtype, name="dense")(z).reshape((-1,) + self.shape)
 
 
+def _replicas(spec, x: Array, n_skip: Any) -> tuple[int, int, Array]:
+  """Checks x [B, H, W, C] against `spec.image_shape`; returns R, B and the skip count of each of the R*B rows
+  (replica-major, like `_tile`) for `n_skip` (an int or an int vector [R])."""
+  if tuple(x.shape[1:]) != spec.image_shape:
+    raise ValueError(f"Input images have shape {tuple(x.shape[1:])} but the model was built for "
+                     f"{spec.image_shape} (H, W, C); use a dataset of that shape or a matching config.")
+  n_skip = jnp.atleast_1d(jnp.asarray(n_skip, jnp.int32))
+  R, B = n_skip.shape[0], x.shape[0]
+  return R, B, jnp.repeat(n_skip, B)
+
+
 def _likelihood_output(likelihood: nn.Module, d: Array, x: Array, R: int, kl, kl_elem) -> Output:
   """p(x | z) from the bottom decoder state d [R*B, ...] for the R replicas of x [B, ...], packed as an `Output`."""
   B = x.shape[0]
@@ -243,11 +254,6 @@ class HVAE(nn.Module):
     self.likelihood = D.LIKELIHOODS[sp.likelihood](sp.image_shape[-1], dtype=dt, name="likelihood",
                                                    **({"nr_mix": sp.nr_mix} if sp.likelihood == "dlm" else {}))
 
-  def _check_input(self, x: Array) -> None:
-    if tuple(x.shape[1:]) != self.spec.image_shape:
-      raise ValueError(f"Input images have shape {tuple(x.shape[1:])} but the model was built for "
-                       f"{self.spec.image_shape} (H, W, C); use a dataset of that shape or a matching config.")
-
   def __call__(self, x: Array, n_skip: Any = 0, prior_sample: bool = False) -> Output:
     """Evaluates single-sample bounds.
 
@@ -261,12 +267,9 @@ class HVAE(nn.Module):
     Returns:
       An `Output` with leading axes [R, B].
     """
-    self._check_input(x)
     sp = self.spec
     L = sp.num_layers
-    n_skip = jnp.atleast_1d(jnp.asarray(n_skip, jnp.int32))
-    R, B = n_skip.shape[0], x.shape[0]
-    skip = jnp.repeat(n_skip, B)  # [R*B], replica-major like _tile
+    R, B, skip = _replicas(sp, x, n_skip)
     dt = jnp.dtype(sp.compute_dtype)
 
     # ---- inference (bottom-up pass)
