@@ -138,7 +138,11 @@ def compute_bounds(model: nn.Module, params, x: Array, rng: Array, *, iw_samples
 
 
 def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = "per_layer_total") -> Array:
-  """Sum over layers and elements of max(KL_elem, lambda / n_l) per example (SPEC 3).
+  """Sum over layers and elements of max(KL_elem, lambda / n_l) per example, or of the raw KL when lambda = 0.
+
+  With lambda = 0 (every step after the free-nats anneal) the KL is returned unchanged, as the reference's
+  `FreeNats` does: a floor at 0 would clip the negative single-sample KL elements and bias the objective away
+  from the negative ELBO (for a nearly inactive unit the clipped term is several times its true KL).
 
   Args:
     kl_elem: per layer, elementwise KL [R, B, *latent_shape] (the model's `Output.kl_elem`).
@@ -148,9 +152,9 @@ def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = 
       spatial position.
 
   Returns:
-    [R, B] the floored KL summed over layers.
+    [R, B] the floored (lambda > 0) or raw (lambda = 0) KL summed over layers.
   """
-  total = 0.0
+  total = raw = 0.0
   for kl in kl_elem:
     if granularity == "per_layer_total":
       n = math.prod(kl.shape[-_latent_rank(kl):])
@@ -160,7 +164,9 @@ def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = 
       raise ValueError(f"Unknown free-nats granularity {granularity!r}; use 'per_layer_total' or 'per_channel'.")
     floored = jnp.maximum(kl, free_nats / n)
     total = total + jnp.sum(floored.reshape(kl.shape[:2] + (-1,)), axis=-1)
-  return total
+    raw = raw + jnp.sum(kl.reshape(kl.shape[:2] + (-1,)), axis=-1)
+  # lambda may be traced (it is annealed), so both sums are formed and the budget picks one.
+  return jnp.where(jnp.asarray(free_nats) > 0, total, raw)
 
 
 def _latent_rank(kl: Array) -> int:
@@ -169,7 +175,7 @@ def _latent_rank(kl: Array) -> int:
 
 
 def training_loss(out: Output, beta: Array, free_nats: Array, granularity: str = "per_layer_total"):
-  """Batch-mean loss -log p(x|z) + beta * sum_l sum_elem max(KL, lambda/n_l), and the raw ELBO per example."""
+  """Batch-mean loss -log p(x|z) + beta * `free_nats_kl` (the raw KL once lambda = 0), and the raw ELBO per example."""
   kl = free_nats_kl(out.kl_elem, free_nats, granularity)
   loss = jnp.mean(-out.log_px + beta * kl)
   return loss, out.elbo

@@ -18,8 +18,9 @@ binarisation/dequantisation noise and fresh latent samples; its AUROC should be 
 
 Randomness. Pass `name` (a dataset name, or `"<in> (sanity)"`) uses the key `pass_key(seed, name)`; batch i
 of it uses `fold_in(pass_key, i)`, which `bounds.compute_bounds` folds once more with the chunk index. Data noise
-uses `seed` (the sanity pass: `seed + 1`). The per-example values therefore do not depend on which other OOD
-sets are evaluated.
+uses `seed` (the sanity pass: `seed + 1`) with the dataset and split folded in (`input_pipeline.eval_noise_key`),
+so example i of different sets never shares its binarisation or dequantisation noise. The per-example values
+therefore do not depend on which other OOD sets are evaluated.
 
 Parallelism: each batch is sharded over all devices (`P('data')`) and all bounds of a batch come out of one
 compiled `bounds.compute_bounds` call; with several processes each feeds its contiguous slice of the split,

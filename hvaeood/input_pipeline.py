@@ -7,9 +7,12 @@ pixel values k in {0..255} become model inputs in [0, 1]:
 * ``dequantize`` x = (k + u) / 256, u ~ U[0, 1), fresh every epoch; x is in
   [0, 1) and floor(256 x) == k exactly (u is capped at 1 - 2^-16 so float32
   rounding can never reach the next bin).
-* ``bin_centre`` x = (2k + 1) / 512, the centre of bin k of width 1/256
-  (deterministic; the `bin_centre` option of SPEC 7.4).
-* ``quantize``   x = k / 255 (deterministic).
+* ``bin_centre`` x = k / 255, the centre of the discretised logistic
+  mixture's bin k (its 2x - 1 = 2k/255 - 1, edge bins beyond +-0.999), so the
+  probabilities of the 256 levels sum to 1 (deterministic; the `bin_centre`
+  option of SPEC 7.4, against the reference's off-bin dequantised data).
+* ``quantize``   x = k / 255 (deterministic; the reference's Quantized sets).
+  The same values as ``bin_centre``: the two names say why they are used.
 
 Randomness is stateless and keyed by (seed, stream, epoch, example index), so a
 given example gets the same noise in the same epoch no matter the batch it
@@ -42,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -97,6 +101,18 @@ def example_seed(seed: Any, stream: int, epoch: Any, index: Any) -> tf.Tensor:
   """Stateless-RNG seed (int64 [2]) for example `index` in one epoch."""
   return tf.random.experimental.stateless_fold_in(
       epoch_key(seed, stream, epoch), tf.cast(index, tf.int64))
+
+
+def eval_noise_key(seed: Any, dataset: str, split: str) -> tf.Tensor:
+  """Stateless-RNG key (int64 [2]) of the evaluation noise of one split of one dataset.
+
+  The dataset's registry name and the split are folded in, so example i of the
+  in-distribution test set, of its train split and of every OOD set get
+  independent binarisation/dequantisation noise under the same seed.
+  """
+  tag = zlib.crc32(f'{get_dataset_info(dataset).name}:{split}'.encode())
+  return tf.random.experimental.stateless_fold_in(
+      epoch_key(seed, _EVAL_STREAM, 0), tf.constant(tag & 0x7FFFFFFF, tf.int64))
 
 
 def _luminance(x: tf.Tensor) -> tf.Tensor:
@@ -157,9 +173,7 @@ def preprocess_image(image: tf.Tensor, kind: str, seed: tf.Tensor | None,
   if kind == 'dequantize':
     u = tf.random.stateless_uniform(tf.shape(k), seed=seed, dtype=tf.float32)
     x = (k + tf.minimum(u, _MAX_DEQUANT_NOISE)) / 256.0
-  elif kind == 'bin_centre':
-    x = (2.0 * k + 1.0) / 512.0
-  else:  # quantize
+  else:  # 'bin_centre' and 'quantize': the likelihood's bin centres k / 255
     x = k / 255.0
   x = _apply_colour(x, colour_transform, out_channels)
   if colour_transform is not None and kind == 'dequantize':
@@ -169,21 +183,27 @@ def preprocess_image(image: tf.Tensor, kind: str, seed: tf.Tensor | None,
 
 def preprocess_numpy(images: np.ndarray, kind: str, *, seed: int,
                      epoch: int = 0, indices: Sequence[int] | None = None,
-                     stream: int = _EVAL_STREAM) -> np.ndarray:
+                     stream: int = _EVAL_STREAM, dataset: str | None = None,
+                     split: str = 'test') -> np.ndarray:
   """`preprocess_image` on a numpy uint8 batch [N, H, W, C] (for tools/tests).
 
-  Example i gets the seed of (seed, stream, epoch, indices[i]); with the
-  default stream this equals what `create_eval_dataset` gives example
-  indices[i] of a split.
+  Example i gets the seed of (seed, stream, epoch, indices[i]); with
+  `dataset` (and `split`) it gets the evaluation key of that split instead
+  (`eval_noise_key`), which equals what `create_eval_dataset` gives example
+  indices[i] of it.
   """
   images = np.asarray(images)
   if indices is None:
     indices = np.arange(len(images))
   indices = tf.constant(np.asarray(indices, np.int64))
+  key = (eval_noise_key(seed, dataset, split) if dataset is not None
+         else epoch_key(seed, stream, epoch))
 
   def one(args):
     img, idx = args
-    return preprocess_image(img, kind, example_seed(seed, stream, epoch, idx))
+    return preprocess_image(
+        img, kind,
+        tf.random.experimental.stateless_fold_in(key, tf.cast(idx, tf.int64)))
 
   out = tf.map_fn(one, (tf.constant(images), indices),
                   fn_output_signature=tf.float32)
@@ -461,7 +481,8 @@ def create_eval_dataset(name: str, split: str, *, preprocessing: str,
     batch_size: examples per yielded batch, on each host (per-host batch;
       the global eval batch is batch_size * process_count).
     seed: seed of the binarisation/dequantisation noise; the same seed gives
-      the same data, use a new seed for a fresh draw.
+      the same data, use a new seed for a fresh draw. The dataset and split
+      are folded into it (`eval_noise_key`): different sets never share noise.
     max_examples: cap on the number of examples (None = whole split).
     data_dir: TFDS data_dir (None = TFDS default).
     process_index, process_count: this host and the number of hosts.
@@ -492,7 +513,7 @@ def create_eval_dataset(name: str, split: str, *, preprocessing: str,
   assert num_padding >= 0, (num_padding, start, end, n)
 
   preprocess = _make_preprocess_fn(info, kind)
-  key = epoch_key(seed, _EVAL_STREAM, 0)
+  key = eval_noise_key(seed, name, split)
   ds = _read(info, builder, tfds_split, start, end, data_dir).map(
       lambda ex: {'image': preprocess(ex, key), 'label': ex['label'],
                   'mask': tf.constant(True)},

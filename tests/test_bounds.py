@@ -194,11 +194,16 @@ def test_free_nats_identities():
   np.testing.assert_allclose(_np(bounds.free_nats_kl(zeros, lam, "per_layer_total")), 2 * lam, rtol=1e-6)
   # ... or lambda per spatial position of a conv latent, lambda per dense latent (reference HEAD)
   np.testing.assert_allclose(_np(bounds.free_nats_kl(zeros, lam, "per_channel")), 9 * lam + lam, rtol=1e-6)
-  # lambda = 0: the positive part of the KL
+  # lambda = 0: the raw KL, negative single-sample elements included (the reference's FreeNats(0) is the identity)
   conv, dense = _hand_kl_elem()
-  want = np.maximum(_np(conv), 0).reshape(2, 3, -1).sum(-1) + np.maximum(_np(dense), 0).reshape(2, 3, -1).sum(-1)
-  np.testing.assert_allclose(_np(bounds.free_nats_kl([jnp.asarray(conv), jnp.asarray(dense)], 0.0)), want,
-                             rtol=1e-6)
+  assert (conv < 0).any() and (dense < 0).any()
+  want = _np(conv).reshape(2, 3, -1).sum(-1) + _np(dense).reshape(2, 3, -1).sum(-1)
+  for g in ("per_layer_total", "per_channel"):
+    np.testing.assert_allclose(_np(bounds.free_nats_kl([jnp.asarray(conv), jnp.asarray(dense)], 0.0, g)), want,
+                               rtol=1e-6)
+    # ... also when lambda is traced and reaches 0 at the end of the anneal
+    jitted = jax.jit(lambda lam_: bounds.free_nats_kl([jnp.asarray(conv), jnp.asarray(dense)], lam_, g))
+    np.testing.assert_allclose(_np(jitted(jnp.float32(0.0))), want, rtol=1e-6)
   with pytest.raises(ValueError, match="granularity"):
     bounds.free_nats_kl(zeros, lam, "per_pixel")
 

@@ -13,6 +13,7 @@ from scipy import special, stats
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
 from hvaeood import distributions as D  # noqa: E402
+import helpers_dlm  # noqa: E402
 
 LN2 = math.log(2.0)
 
@@ -241,32 +242,15 @@ def test_dlm_log_prob_branches_single_component():
     assert got == pytest.approx(want, rel=1e-4, abs=1e-3), (xs, mus, lss)
 
 
-def _grid_total(params_px, nr_mix):
-  """Sum over all 256^3 bin-centre colours of exp(log p) for ONE pixel's params (chunked over R)."""
-  k = np.arange(256, dtype=np.float32) / 255.0
-  gb = np.stack(np.meshgrid(k, k, indexing="ij"), axis=-1)  # [256 G, 256 B, 2]
-  p = jnp.broadcast_to(jnp.asarray(params_px), (16, 256, 256, params_px.shape[-1]))
-
-  @jax.jit
-  def chunk_sum(r_vals):
-    r = jnp.broadcast_to(r_vals[:, None, None, None], (16, 256, 256, 1))
-    x = jnp.concatenate([r, jnp.broadcast_to(jnp.asarray(gb), (16, 256, 256, 2))], axis=-1)
-    return jnp.sum(jnp.exp(D.dlm_log_prob(x, p, nr_mix, per_pixel=True)), axis=(1, 2))
-
-  return sum(float(np.sum(_f64(chunk_sum(jnp.asarray(k[i:i + 16]))))) for i in range(0, 256, 16))
-
-
 def test_dlm_normalises_over_all_bin_centres_with_colour_coupling():
-  """Sum over all 256^3 (R, G, B) bin centres of p(x) is 1 with non-zero colour coefficients: each conditional
-  telescopes over its 256 bins whatever its (autoregressive) mean. One component keeps this at 16.7M
+  """Sum over all 256^3 (R, G, B) bin centres k/255 of p(x) is 1 with non-zero colour coefficients: each
+  conditional telescopes over its 256 bins whatever its (autoregressive) mean. One component keeps this at 16.7M
   evaluations; the mixture's normalisation is checked per colour below."""
-  params = _random_dlm(7, (1,), 1)[0]
-  rest = params[1:].reshape(3, 3)
-  rest[:, 1] = [-2.0, -3.5, -1.5]  # log-scales: wide enough that the pdf fallback is not the main mass
-  rest[:, 2] = [0.8, -1.1, 0.6]    # coefficients -> tanh = 0.66, -0.80, 0.54
-  params[1:] = rest.reshape(-1)
-  total = _grid_total(params, 1)
+  total = helpers_dlm.grid_total(helpers_dlm.coupled_params(), 1, np.arange(256) / 255.0)
   assert abs(total - 1.0) < 1e-4, total
+  # Off the bins (the old bin_centre map (2k+1)/512) the same sum is not 1: the check can fail.
+  off = helpers_dlm.grid_total(helpers_dlm.coupled_params(), 1, (2 * np.arange(256) + 1) / 512.0)
+  assert abs(off - 1.0) > 0.05, off
 
 
 def _logistic_bin_mass(x01, mu, log_s):

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from hvaeood import input_pipeline as ip
+import helpers_dlm
 
 MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974,
                            1009]
@@ -124,8 +125,17 @@ def _pre(kind, seed, **kwargs):
 def test_quantize_and_bin_centre_exact():
   k = _all_levels().astype(np.float64)
   np.testing.assert_allclose(_pre('quantize', [0, 0]), k / 255, rtol=1e-6)
-  np.testing.assert_allclose(_pre('bin_centre', [0, 0]), (2 * k + 1) / 512,
-                             rtol=1e-6)
+  # The centre of the mixture likelihood's bin k: 2x - 1 = 2k/255 - 1.
+  np.testing.assert_allclose(_pre('bin_centre', [0, 0]), k / 255, rtol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['bin_centre', 'quantize'])
+def test_deterministic_preprocessing_lands_on_the_likelihood_bins(kind):
+  """The pipeline's output for the 256 pixel levels sits on the discretised logistic mixture's bins: the
+  probabilities of all 256^3 colours of a pixel sum to 1 (SPEC 7.4's bin-centre option)."""
+  values = _pre(kind, [0, 0])[:, 0, 0]
+  total = helpers_dlm.grid_total(helpers_dlm.coupled_params(), 1, values)
+  assert abs(total - 1.0) < 1e-4, (kind, total)
 
 
 def test_binarize_values_mean_and_determinism():
@@ -225,11 +235,36 @@ def test_eval_binarize_reproducible_and_mean(tfds_data_dir):
   assert np.mean(xa != xc) > 0.01
   assert abs(xa.mean() - xq.mean()) < 0.005
   assert np.all(xa[xq == 0] == 0) and np.all(xa[xq == 1] == 1)
-  # The noise of example i is keyed by (seed, i): preprocess_numpy agrees.
+  # The noise of example i is keyed by (seed, dataset, split, i):
+  # preprocess_numpy agrees.
   k = np.round(xq[:300] * 255).astype(np.uint8)
   np.testing.assert_array_equal(
-      ip.preprocess_numpy(k, 'binarize', seed=1, indices=np.arange(300)),
+      ip.preprocess_numpy(k, 'binarize', seed=1, indices=np.arange(300),
+                          dataset='mnist', split='test'),
       xa[:300])
+
+
+def test_eval_noise_differs_between_datasets_and_splits(tfds_data_dir):
+  """Example i of two evaluated sets never gets the same noise under one seed.
+
+  The dequantisation noise u = 256 x - k of FashionMNIST test, MNIST test and
+  FashionMNIST train (first 200 examples each) is compared draw by draw; as
+  u is uniform on [0, 1), shared noise would give identical arrays.
+  """
+  def noise(name, split):
+    it, _ = ip.create_eval_dataset(name, split, preprocessing='dequantize',
+                                   batch_size=200, seed=5, max_examples=200,
+                                   data_dir=tfds_data_dir)
+    (d,) = list(it)
+    x = d['image'].astype(np.float64)
+    return 256 * x - np.floor(256 * x)
+
+  u_fm, u_mn, u_tr = (noise('fashion_mnist', 'test'), noise('mnist', 'test'),
+                      noise('fashion_mnist', 'train'))
+  for a, b in ((u_fm, u_mn), (u_fm, u_tr), (u_mn, u_tr)):
+    # Independent uniforms: mean |a - b| = 1/3; identical draws: 0.
+    assert abs(np.mean(np.abs(a - b)) - 1 / 3) < 0.01
+  assert abs(np.corrcoef(u_fm.ravel(), u_mn.ravel())[0, 1]) < 0.01
 
 
 def test_eval_dequantize_bins(tfds_data_dir):

@@ -219,10 +219,27 @@ def test_wndense_forward_matches_numpy():
 # data-dependent initialisation
 
 
+def _init_stats_want(module, x, params):
+  """g, b of the data-dependent init from a float64 numpy pre-activation t of the normalised direction v/||v||:
+  g = 1/sqrt(var_unbiased(t) + 1e-8), b = -mean(t) g per output unit. For a transposed conv t is the *uncropped*
+  output ((in-1)s + k per axis), as the reference takes its statistics before the 'same' crop (SPEC 1.2)."""
+  v = np.asarray(params["v"], np.float64)
+  vn = v / np.sqrt(np.sum(v ** 2, axis=tuple(range(v.ndim - 1))))
+  if isinstance(module, WNDense):
+    t = x.astype(np.float64) @ vn
+  elif module.transpose:
+    t = _np_conv_transpose_full(x, vn, module.stride, flip=True)
+    assert t.shape[1] == (x.shape[1] - 1) * module.stride + module.kernel_size
+  else:
+    t = _np_conv_same(x, vn, 0.0, module.stride)
+  axes = tuple(range(t.ndim - 1))
+  g = 1.0 / np.sqrt(t.var(axis=axes, ddof=1) + 1e-8)
+  return g, -t.mean(axis=axes) * g
+
+
 @pytest.mark.parametrize("module,shape", [
     (WNConv(5, 3, 1), (2, 3, 3, 4)),          # N = 18 positions per channel: unbiased/biased differ by 6%
     (WNConv(6, 5, 2), (3, 6, 5, 2)),
-    (WNConv(4, 3, 2, transpose=True), (2, 2, 3, 3)),
     (WNDense(7), (5, 9)),                     # N = 5: a biased variance would give 0.8
 ])
 def test_data_dependent_init_gives_zero_mean_unit_unbiased_variance(module, shape):
@@ -231,20 +248,27 @@ def test_data_dependent_init_gives_zero_mean_unit_unbiased_variance(module, shap
   axes = tuple(range(y.ndim - 1))
   np.testing.assert_allclose(y.mean(axis=axes), 0.0, atol=1e-4)
   np.testing.assert_allclose(y.var(axis=axes, ddof=1), 1.0, rtol=1e-4)
-  # g, b are exactly the data-dependent values: g = 1/sqrt(var_unbiased(t) + 1e-8), b = -mean(t) g with t the
-  # pre-activation of the normalised direction v/||v||, computed here in numpy.
-  v = np.asarray(params["v"], np.float64)
-  vn = v / np.sqrt(np.sum(v ** 2, axis=tuple(range(v.ndim - 1))))
-  if isinstance(module, WNDense):
-    t = x.astype(np.float64) @ vn
-  elif module.transpose:
-    k, s = module.kernel_size, module.stride
-    t = _crop(_np_conv_transpose_full(x, vn, s, flip=True), (k - s) // 2, (k - s) - (k - s) // 2)
-  else:
-    t = _np_conv_same(x, vn, 0.0, module.stride)
-  g_want = 1.0 / np.sqrt(t.var(axis=axes, ddof=1) + 1e-8)
+  # g, b are exactly the data-dependent values, computed here in numpy.
+  g_want, b_want = _init_stats_want(module, x, params)
   np.testing.assert_allclose(np.asarray(params["g"]), g_want, rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(params["b"]), -t.mean(axis=axes) * g_want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(params["b"]), b_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,s,shape", [(3, 2, (4, 7, 7, 3)),    # FashionMNIST Dec2's 7 -> 14 (15x15 uncropped)
+                                       (5, 2, (2, 6, 5, 2)),    # k5 s2, as Dec1's 14 -> 28 (odd/even sizes)
+                                       (5, 3, (3, 3, 4, 2))])
+def test_transposed_conv_init_uses_uncropped_statistics(k, s, shape):
+  """A transposed conv's g, b come from the statistics of its uncropped output, as the reference (SPEC 1.2)."""
+  module = WNConv(4, k, s, transpose=True)
+  x = _randn(11, shape, loc=1.0, scale=2.0)
+  params, (y,) = _run(module, (x,), (x,))
+  assert y.shape[1:3] == (s * shape[1], s * shape[2])
+  g_want, b_want = _init_stats_want(module, x, params)
+  np.testing.assert_allclose(np.asarray(params["g"]), g_want, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(params["b"]), b_want, rtol=1e-4, atol=1e-4)
+  # ... which is not the cropped output's standardisation: the cropped output is not exactly zero mean, unit var.
+  axes = (0, 1, 2)
+  assert np.max(np.abs(y.var(axis=axes, ddof=1) - 1.0)) > 1e-3
 
 
 def test_init_constant_output_keeps_g_one():

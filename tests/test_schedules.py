@@ -163,8 +163,9 @@ def test_free_nats_zero_is_the_raw_kl_and_unknown_granularity_fails():
   raw = sum(np.asarray(k).reshape(1, 2, -1).sum(-1) for k in kl)
   clipped = sum(np.maximum(np.asarray(k), 0).reshape(1, 2, -1).sum(-1) for k in kl)
   for g in ('per_layer_total', 'per_channel'):
-    # lambda = 0 still floors negative elements at 0 (max(KL, 0)), as the reference does.
-    np.testing.assert_allclose(bounds.free_nats_kl(kl, 0.0, g), clipped, rtol=1e-6)
+    # lambda = 0 is the raw KL: negative single-sample elements are not clipped (the reference returns the KL
+    # unchanged when the budget is 0), so the loss after the anneal is the negative ELBO.
+    np.testing.assert_allclose(bounds.free_nats_kl(kl, 0.0, g), raw, rtol=1e-6)
   assert not np.allclose(raw, clipped)
   with pytest.raises(ValueError, match='granularity'):
     bounds.free_nats_kl(kl, 2.0, 'per_pixel')
