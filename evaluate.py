@@ -2,8 +2,9 @@
 
   python evaluate.py --checkpoint WORKDIR --ood mnist --output_dir OUT [--iw_samples 1000] [--k 1,2]
 
-PATH is a training workdir (its latest checkpoint, or the best with --which=best) or one checkpoint step
-directory. The model config and the in-distribution dataset come from the checkpoint. Outputs in OUT:
+PATH is a training workdir (its best checkpoint, i.e. the best in-distribution test ELBO seen during training, as
+the reference evaluates; the latest where no best was saved, or with --which=latest) or one checkpoint step
+directory. The checkpoint path and step used are printed first. The model config and the in-distribution dataset come from the checkpoint. Outputs in OUT:
 results.json (written last), results.md, scores.npz, roc.png, hist.png; see hvaeood/evaluate.py.
 User errors print one `error: ...` line and exit with status 2.
 """
@@ -11,7 +12,8 @@ User errors print one `error: ...` line and exit with status 2.
 from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint step directory (required).")
-_WHICH = flags.DEFINE_string("which", "latest", "For a workdir: 'latest' or 'best' checkpoint.")
+_WHICH = flags.DEFINE_string("which", None, "For a workdir: 'best' or 'latest' checkpoint (default: best where "
+                             "the workdir has one, else latest).")
 _OOD = flags.DEFINE_list("ood", None, "OOD datasets, e.g. mnist,kmnist (default: the config's eval.ood_datasets).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for the outputs (required).")
 _IW = flags.DEFINE_integer("iw_samples", 1, "Importance samples S of the ELBO.")
@@ -19,12 +21,19 @@ _IW_K = flags.DEFINE_integer("iw_samples_k", 1, "Importance samples S_k of each 
 _K = flags.DEFINE_list("k", None, "k values of L^{>k} and LLR^{>k} (default: every k in 0..L-1).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of every dataset.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "Use at most this many examples per dataset.")
-_BATCH = flags.DEFINE_integer("batch_size", 500, "Global batch size; must divide over the devices.")
+_BATCH = flags.DEFINE_integer("batch_size", 500, "Global batch size (padded to a multiple of the devices; the "
+                              "padding is masked).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data noise, latent samples and subsampling.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the checkpoint config's).")
 _MAX_ROWS = flags.DEFINE_integer("max_rows", None, "Memory bound: replicas x batch rows evaluated at once "
                                  "(default 2048).")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "Evaluate the raw parameters instead of the EMA.")
+_PRIOR_SAMPLE = flags.DEFINE_bool("prior_sample", False, "L^{>k} with z_{<=k} sampled from the conditional prior "
+                                  "(the paper's definition) instead of its mean (the reference's code).")
+_TRAIN_REFERENCE = flags.DEFINE_bool("train_reference", False, "Also score the in-distribution train split against "
+                                     "the evaluated split (the reference's sanity row), capped at its size.")
+_PRECISION = flags.DEFINE_string("precision", "highest", "Matmul/conv precision: highest (default: likelihoods "
+                                 "independent of the backend's default), high or default.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 
 
@@ -51,7 +60,8 @@ def main(argv):
         _CHECKPOINT.value, _OUTPUT_DIR.value, which=_WHICH.value, ood=_OOD.value, iw_samples=_IW.value,
         iw_samples_k=_IW_K.value, ks=_ints(_K.value, "k"), split=_SPLIT.value, max_examples=_MAX_EXAMPLES.value,
         batch_size=_BATCH.value, seed=_SEED.value, data_dir=_DATA_DIR.value, max_rows=_MAX_ROWS.value,
-        use_ema=not _NO_EMA.value)
+        use_ema=not _NO_EMA.value, prior_sample=_PRIOR_SAMPLE.value, train_reference=_TRAIN_REFERENCE.value,
+        precision=_PRECISION.value)
 
   cli.run_guarded(run)
 

@@ -93,8 +93,7 @@ def main(argv=None) -> dict:
   rng = np.random.default_rng(0)
   mesh = train.make_mesh(args.num_devices)
   n_dev = mesh.devices.size
-  bs = config.train.batch_size
-  train.check_batch(bs, mesh)
+  bs = train.check_batch(config.train.batch_size, mesh)  # padded to a multiple of the devices
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   result = {"config": args.config, "batch_size": bs, "device_kind": jax.devices()[0].device_kind,
             "device_count": n_dev, "backend": jax.default_backend(), "compute_dtype": config.model.compute_dtype,
@@ -127,8 +126,7 @@ def main(argv=None) -> dict:
     state = holder["state"]
 
   if not args.skip_eval:
-    eb = args.eval_batch_size or min(500, max(bs, n_dev))
-    eb = max(n_dev, eb - eb % n_dev)
+    eb = train.padded_batch_size(args.eval_batch_size or min(500, bs), mesh)
     xe = jax.device_put(synthetic_batch(rng, eb, shape, binary), sharded)
     ks = tuple(range(model.spec.num_layers))
     kwargs = dict(iw_samples=args.iw_samples, ks=ks)

@@ -4,7 +4,8 @@ Variants (``--config configs/fashion_mnist_hvae.py:VARIANT``):
 * ``paper`` (default): 3 stages (conv 8 @ 14x14, dense 16, dense 8), 64 channels, Bernoulli likelihood,
   Adam 3e-4, batch 128, 1000 epochs, KL warm-up 200 epochs, free nats 2 (200 constant + 200 annealed).
   Launch: ``python train.py --config configs/fashion_mnist_hvae.py --workdir runs/fmnist``.
-  Cost: 469,000 steps; about 2 days on a GTX 1080 Ti for the reference; see benchmarks/README.md for ours.
+  Cost: 468 steps per epoch (60,000 // 128, the rest of each epoch dropped), 468,000 steps; about 2 days on a
+  GTX 1080 Ti for the reference; see benchmarks/README.md for ours.
 * ``cpu``: the paper's latents at half width (32 channels, 756,962 parameters) with a 30-minute wall-clock
   training budget on 2 CPU cores: about 98 training images/s there, so about 2.9 epochs (configs/common.py).
   Launch: ``python train.py --config configs/fashion_mnist_hvae.py:cpu --workdir runs/fmnist_cpu``.

@@ -174,8 +174,15 @@ def _latent_rank(kl: Array) -> int:
   return kl.ndim - 2
 
 
-def training_loss(out: Output, beta: Array, free_nats: Array, granularity: str = "per_layer_total"):
-  """Batch-mean loss -log p(x|z) + beta * `free_nats_kl` (the raw KL once lambda = 0), and the raw ELBO per example."""
-  kl = free_nats_kl(out.kl_elem, free_nats, granularity)
-  loss = jnp.mean(-out.log_px + beta * kl)
+def training_loss(out: Output, beta: Array, free_nats: Array, granularity: str = "per_layer_total",
+                  weights: Array | None = None):
+  """Batch-mean loss -log p(x|z) + beta * `free_nats_kl` (the raw KL once lambda = 0), and the raw ELBO per example.
+
+  `weights` ([B], optional) weight the examples of the mean (0 for the padding rows of a padded batch).
+  """
+  per_example = -out.log_px + beta * free_nats_kl(out.kl_elem, free_nats, granularity)  # [R, B]
+  if weights is None:
+    loss = jnp.mean(per_example)
+  else:
+    loss = jnp.sum(per_example * weights) / (per_example.shape[0] * jnp.sum(weights))
   return loss, out.elbo

@@ -327,31 +327,57 @@ def _check_tree(state: Any) -> None:
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
+  """A checkpoint loaded for evaluation.
+
+  Attributes:
+    config: the run's config, as stored in the checkpoint.
+    params: the parameters that are evaluated (see `parameters`).
+    step: the checkpoint's step.
+    path: its step directory.
+    meta: its meta item.
+    parameters: which parameters `params` holds: "EMA" (the checkpoint has an EMA and it was asked for) or "raw".
+    which: how the step was chosen: "best", "latest" or "step directory".
+  """
   config: ml_collections.ConfigDict
   params: Any
   step: int
   path: str
   meta: dict
+  parameters: str = "raw"
+  which: str = "step directory"
 
 
-def _find_step_dir(path: str, which: str) -> tuple[str, int]:
-  """Resolves a workdir (latest or best) or a step directory to (manager directory, step)."""
+WHICH = ("best", "latest")
+
+
+def _steps_in(directory: str) -> list[int]:
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def find_step_dir(path: str, which: Optional[str] = None) -> tuple[str, int, str]:
+  """Resolves a workdir or a step directory to (manager directory, step, how it was chosen).
+
+  For a workdir, `which` is 'best' (the best-validation-ELBO checkpoint), 'latest', or None: 'best' where the
+  workdir has one, else 'latest' (the reference evaluates its best model).
+  """
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"Checkpoint path {path} does not exist. Pass a training workdir (the --workdir of "
                           "train.py) or one of its checkpoint step directories, e.g. WORKDIR/checkpoints/1000.")
+  if which is not None and which not in WHICH:
+    raise CheckpointError(f"--which must be 'best' or 'latest', got {which!r}.")
   base = os.path.basename(path.rstrip("/"))
   if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(base)
+    return os.path.dirname(path), int(base), "step directory"
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) or os.path.isdir(os.path.join(path, BEST_DIR)):
-    if which not in ("latest", "best"):
-      raise CheckpointError(f"--which must be 'latest' or 'best', got {which!r}.")
+    if which is None:
+      which = "best" if _steps_in(os.path.join(path, BEST_DIR)) else "latest"
     sub = os.path.join(path, CHECKPOINT_DIR if which == "latest" else BEST_DIR)
-    steps = sorted(int(d) for d in os.listdir(sub) if d.isdigit()) if os.path.isdir(sub) else []
+    steps = _steps_in(sub)
     if not steps:
       raise CheckpointError(f"No {which} checkpoint under {sub}: the run saved none yet. Train longer, or "
                             f"use --which={'best' if which == 'latest' else 'latest'}.")
-    return sub, steps[-1]
+    return sub, steps[-1], which
   raise CheckpointError(f"{path} is neither a training workdir (with {CHECKPOINT_DIR}/ or {BEST_DIR}/) nor a "
                         "checkpoint step directory (a number with a state/ folder inside).")
 
@@ -363,15 +389,17 @@ def _earlier_hint(directory: str, step: int) -> str:
   return "There is no earlier checkpoint in that directory; retrain or restore the files."
 
 
-def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> LoadedCheckpoint:
+def load_for_eval(path: str, which: Optional[str] = None, use_ema: bool = True) -> LoadedCheckpoint:
   """Loads a checkpoint's config and (EMA, if present and `use_ema`) parameters onto the default device.
+
+  `which`: see `find_step_dir` (None: the best checkpoint where the workdir has one, else the latest).
 
   Raises:
     CheckpointError: a missing path, no checkpoint, a corrupted one, or one whose parameters do not match
       the model the stored config builds with the current code.
   """
   from hvaeood import train as train_lib  # pylint: disable=import-outside-toplevel
-  directory, step = _find_step_dir(path, which)
+  directory, step, chosen = find_step_dir(path, which)
   manager = make_manager(directory, keep=10**6, read_only=True)
   hint = _earlier_hint(directory, step)
   try:
@@ -406,8 +434,9 @@ def load_for_eval(path: str, which: str = "latest", use_ema: bool = True) -> Loa
     _check_tree(state)
   except CheckpointError as e:
     raise CheckpointError(f"Checkpoint {directory}/{step}: {e}. {hint}") from e
-  params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
-  return LoadedCheckpoint(config, params, step, os.path.join(directory, str(step)), meta)
+  ema = use_ema and state.ema_params is not None
+  return LoadedCheckpoint(config, state.ema_params if ema else state.params, step,
+                          os.path.join(directory, str(step)), meta, "EMA" if ema else "raw", chosen)
 
 
 # ---------------------------------------------------------------------------------------------------------------

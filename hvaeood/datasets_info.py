@@ -154,11 +154,35 @@ def eval_preprocessing(config: ml_collections.ConfigDict, name: str) -> str:
   return config.data.preprocessing
 
 
+IDX_IMPORTABLE = ('mnist', 'fashion_mnist', 'kmnist')
+
+
+def default_data_dir() -> str:
+  """TFDS's default data_dir: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def data_dir_description(data_dir: Optional[str]) -> str:
+  return data_dir if data_dir else f"the default TFDS data_dir ({default_data_dir()})"
+
+
+def prepare_command(name: str, data_dir: Optional[str]) -> str:
+  """The command that prepares dataset `name` in `data_dir` on a machine without network access to TFDS."""
+  info = get_dataset_info(name)
+  target = data_dir or '~/tensorflow_datasets'
+  if info.tfds_name in IDX_IMPORTABLE:
+    src = info.idx_source if info.idx_source and os.path.isdir(
+        info.idx_source) else '<directory with the *-idx?-ubyte[.gz] files>'
+    return (f'python -m hvaeood.data_import --name {info.tfds_name} '
+            f'--src {src} --data_dir {target}')
+  return (f'on a machine with network: tfds build {info.tfds_name} '
+          f'--data_dir {target}, then copy {target}/{info.tfds_name} here')
+
+
 def is_available(name: str, data_dir: Optional[str]) -> bool:
   """True if the dataset is prepared in `data_dir` (or the default tfds dir); never touches the network."""
   info = get_dataset_info(name)
-  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-  return os.path.isdir(os.path.join(root, info.tfds_name))
+  return os.path.isdir(os.path.join(data_dir or default_data_dir(), info.tfds_name))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -14,7 +14,9 @@ second, independently re-drawn pass of it (the sanity row) and each OOD set, and
 Metrics (SPEC 5): OOD is the positive class; every score is oriented so that higher means more OOD: `LLR>k` as
 is, `ELBO` and `L>k` negated. Both sides are subsampled to equal size with a seeded generator. The sanity row,
 `"<in> (sanity)"`, compares the in-distribution scores with a second pass over the same examples with fresh
-binarisation/dequantisation noise and fresh latent samples; its AUROC should be close to 0.5.
+binarisation/dequantisation noise and fresh latent samples; its AUROC should be close to 0.5. With
+`train_reference`, the in-distribution *train* split, `"<in> (train split)"`, is scored against it too (the
+reference's sanity row), capped at the evaluated split's size.
 
 Randomness. Pass `name` (a dataset name, or `"<in> (sanity)"`) uses the key `pass_key(seed, name)`; batch i
 of it uses `fold_in(pass_key, i)`, which `bounds.compute_bounds` folds once more with the chunk index. Data noise
@@ -22,7 +24,8 @@ uses `seed` (the sanity pass: `seed + 1`) with the dataset and split folded in (
 so example i of different sets never shares its binarisation or dequantisation noise. The per-example values
 therefore do not depend on which other OOD sets are evaluated.
 
-Parallelism: each batch is sharded over all devices (`P('data')`) and all bounds of a batch come out of one
+Parallelism: each batch, padded to a multiple of the devices with the padding masked, is sharded over all
+devices (`P('data')`) and all bounds of a batch come out of one
 compiled `bounds.compute_bounds` call; with several processes each feeds its contiguous slice of the split,
 the scores are gathered in file order on every process and process 0 writes the files.
 """
@@ -57,6 +60,8 @@ SCORES_NPZ = "scores.npz"
 ROC_PNG = "roc.png"
 HIST_PNG = "hist.png"
 SANITY_SUFFIX = " (sanity)"
+TRAIN_SUFFIX = " (train split)"
+LK_MODES = {False: "conditional-prior mean (reference)", True: "conditional-prior sample (paper)"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,17 +104,19 @@ def parse_ks(ks: Optional[Sequence[int]], num_layers: int) -> tuple[int, ...]:
 
 
 def make_bounds_fn(model, mesh: Mesh, *, iw_samples: int, iw_samples_k: int, ks: tuple[int, ...],
-                   max_rows: Optional[int]) -> Callable:
+                   max_rows: Optional[int], prior_sample: bool = False, precision: str = "highest") -> Callable:
   """jit of (params, x sharded P('data'), key) -> bounds.Bounds with every output replicated on all devices.
 
-  Replicated outputs let every process read the whole batch's scores without a further collective.
+  Replicated outputs let every process read the whole batch's scores without a further collective. Matmuls and
+  convolutions run at `precision` (the lowered program carries it, whatever the backend's default).
   """
   replicated = NamedSharding(mesh, P())
   rows = bounds.DEFAULT_MAX_ROWS if max_rows is None else int(max_rows)
 
   def fn(params, x, key):
-    b = bounds.compute_bounds(model, params, x, key, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks,
-                              max_rows=rows)
+    with jax.default_matmul_precision(precision):
+      b = bounds.compute_bounds(model, params, x, key, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks,
+                                max_rows=rows, prior_sample=prior_sample)
     return b._replace(ks=())
 
   return jax.jit(fn, in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
@@ -177,7 +184,7 @@ def score_pass(fn: Callable, params, it, sharding: NamedSharding, key: jax.Array
   outs, masks = [], []
   pending = None
   for i, batch in enumerate(it):
-    x = train_lib.to_global(np.asarray(batch["image"], np.float32), sharding)
+    x = train_lib.to_global(np.asarray(batch["image"], np.float32), sharding)  # padding rows masked below
     result = fn(params, x, np.asarray(jax.random.fold_in(key, i)))
     masks.append(np.asarray(batch["mask"], bool))
     if pending is not None:  # fetch the previous batch while this one runs
@@ -225,7 +232,8 @@ def _prepare_output_dir(output_dir: str) -> str:
 
 def _markdown(results: dict, table: dict, order: list[str], settings: dict) -> str:
   lines = [f"# OOD detection: {results['in_distribution']} vs {', '.join(n for n in results['ood'])}", "",
-           f"Checkpoint `{results['checkpoint']}` (step {results['step']}).", "",
+           f"Checkpoint `{results['checkpoint']}` (step {results['step']}, {results['which']}; "
+           f"{results['parameters']} parameters).", "",
            "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "",
            "OOD is the positive class; scores oriented so that higher = more OOD (ELBO and L>k negated, LLR>k "
            "as is); in-distribution and OOD sets subsampled to equal size (seeded).", "",
@@ -249,9 +257,10 @@ def _resolve_dataset(name: str, model_shape: tuple[int, ...]) -> str:
   return canonical
 
 
-def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split):
-  if which not in ("latest", "best"):
-    raise ValueError(f"--which must be 'latest' or 'best', got {which!r}.")
+def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision):
+  if which is not None and which not in ckpt.WHICH:
+    raise ValueError(f"--which must be 'best' or 'latest' (or unset: best where the workdir has one), got "
+                     f"{which!r}.")
   for flag, v in (("--iw_samples", iw_samples), ("--iw_samples_k", iw_samples_k), ("--batch_size", batch_size)):
     if not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f"{flag} must be a positive integer, got {v!r}.")
@@ -261,51 +270,57 @@ def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_r
     raise ValueError(f"--max_rows must be >= 1 (or unset for {bounds.DEFAULT_MAX_ROWS}), got {max_rows}.")
   if not split:
     raise ValueError("--split must name a split, e.g. test.")
+  train_lib.check_precision(precision, "--precision")
 
 
-def _check_batch(batch_size: int, mesh: Mesh) -> None:
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if batch_size % n_dev:
-    raise ValueError(f"--batch_size {batch_size} does not divide over the {n_dev} devices; use a multiple of "
-                     f"{n_dev} (e.g. {max(n_dev, batch_size // n_dev * n_dev)}).")
-  if batch_size % n_proc:
-    raise ValueError(f"--batch_size {batch_size} does not divide over {n_proc} processes; use a multiple of "
-                     f"{n_proc}.")
-
-
-def _replicate(tree, sharding: NamedSharding):
-  """Places host-identical parameters on every device of the mesh (works across processes)."""
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-  return jax.tree_util.tree_map(put, jax.device_get(tree))
+def _ood_names(config, ood: Optional[Sequence[str]], model_shape) -> list[str]:
+  in_name = datasets_info.canonical(config.data.name)
+  names = []
+  for name in (config.eval.ood_datasets if ood is None else ood):
+    name = _resolve_dataset(str(name).strip(), model_shape)
+    if name == in_name:
+      log.warning("Skipping OOD set %s: it is the in-distribution set (the sanity row covers it).", name)
+    elif name not in names:
+      names.append(name)
+  if not names:
+    raise ValueError("No OOD dataset to evaluate: pass --ood, e.g. --ood mnist.")
+  return names
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The evaluation
 
 
-def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Optional[Sequence[str]] = None,
+def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, ood: Optional[Sequence[str]] = None,
              iw_samples: int = 1, iw_samples_k: int = 1, ks: Optional[Sequence[int]] = None,
              split: str = "test", max_examples: Optional[int] = None, batch_size: int = 500, seed: int = 0,
-             data_dir: Optional[str] = None, max_rows: Optional[int] = None, use_ema: bool = True) -> dict:
+             data_dir: Optional[str] = None, max_rows: Optional[int] = None, use_ema: bool = True,
+             prior_sample: bool = False, train_reference: bool = False, precision: str = "highest") -> dict:
   """Scores the in-distribution split and each OOD set and writes the outputs (see the module docstring).
 
   Args:
     checkpoint: a training workdir or one checkpoint step directory.
     output_dir: where the outputs go (created if needed).
-    which: 'latest' or 'best' checkpoint of a workdir.
+    which: 'best' or 'latest' checkpoint of a workdir; None: 'best' where the workdir has one (the checkpoint of
+      the best in-distribution test ELBO seen during training, as the reference selects), else 'latest'.
     ood: OOD dataset names (default: the checkpoint config's eval.ood_datasets).
     iw_samples: S, importance samples of the ELBO.
     iw_samples_k: S_k, importance samples of each L^{>k}.
     ks: the k of L^{>k} and LLR^{>k} (default: every k in 0..L-1).
     split: the split of every dataset ('test', 'train', 'validation' or a TFDS split name).
     max_examples: cap on the examples of each dataset (the first ones, file order; default: all).
-    batch_size: global batch; must divide over the devices and the processes.
+    batch_size: global batch; padded to a multiple of the devices (the padding is masked), so any value works
+      on any device count.
     seed: seed of the data noise, the latent samples and the equal-size subsampling.
     data_dir: TFDS data_dir (default: the checkpoint config's data.data_dir).
     max_rows: bound on replicas x batch evaluated at once (memory); default bounds.DEFAULT_MAX_ROWS.
     use_ema: evaluate the EMA parameters when the checkpoint has them.
+    prior_sample: L^{>k} with z_{<=k} sampled from the conditional prior (the paper's definition) instead of its
+      mean (the reference's code).
+    train_reference: also score the in-distribution *train* split against the evaluated split (the reference's
+      sanity row), capped at the in-distribution split's size.
+    precision: matmul/convolution precision ('highest' by default, so that likelihoods do not depend on a
+      backend's default, e.g. bfloat16 passes on TPU or TF32 on recent GPUs).
 
   Returns:
     The results dict written to results.json.
@@ -318,7 +333,7 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
     ood = [s for s in ood.split(",") if s.strip()]
   if isinstance(ks, str):
     ks = [s for s in ks.split(",") if s.strip()]
-  _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split)
+  _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision)
   if not checkpoint:
     raise ValueError("--checkpoint is required: a training workdir or one of its checkpoint step directories.")
   if not output_dir:
@@ -326,24 +341,23 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
                      "the plots.")
   is_main = jax.process_index() == 0
   mesh = train_lib.make_mesh()
-  _check_batch(batch_size, mesh)
+  global_batch = train_lib.padded_batch_size(batch_size, mesh)
+  if global_batch != batch_size:
+    log.info("Batch %d padded to %d for %d devices (the padding is masked).", batch_size, global_batch,
+             mesh.devices.size)
 
   loaded = ckpt.load_for_eval(checkpoint, which=which, use_ema=use_ema)
+  if use_ema and loaded.parameters != "EMA":
+    log.info("The checkpoint has no EMA parameters (config.optim.ema_decay = 0); evaluating the raw parameters.")
+  if is_main:
+    print(f"Evaluating {loaded.path} (step {loaded.step}, {loaded.which}, {loaded.parameters} parameters).",
+          flush=True)
   config = loaded.config
   model = train_lib.model_for_config(config)
   model_shape = tuple(model.spec.image_shape)
-  num_layers = model.spec.num_layers
-  ks = parse_ks(ks, num_layers)
+  ks = parse_ks(ks, model.spec.num_layers)
   in_name = datasets_info.canonical(config.data.name)
-  ood_names = []
-  for name in (config.eval.ood_datasets if ood is None else ood):
-    name = _resolve_dataset(str(name).strip(), model_shape)
-    if name == in_name:
-      log.warning("Skipping OOD set %s: it is the in-distribution set (the sanity row covers it).", name)
-    elif name not in ood_names:
-      ood_names.append(name)
-  if not ood_names:
-    raise ValueError("No OOD dataset to evaluate: pass --ood, e.g. --ood mnist.")
+  ood_names = _ood_names(config, ood, model_shape)
   if data_dir is None:
     data_dir = config.data.get("data_dir")
   out_dir = _prepare_output_dir(output_dir) if is_main else os.path.abspath(output_dir)
@@ -351,15 +365,19 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
   # The input pipeline (TensorFlow) is imported only now, after every check that needs no data.
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
   n_proc = jax.process_count()
-  local_batch = batch_size // n_proc
-  sanity_name = in_name + SANITY_SUFFIX
+  local_batch = global_batch // n_proc
+  sanity_name, train_name = in_name + SANITY_SUFFIX, in_name + TRAIN_SUFFIX
+  plan = [(in_name, in_name, split, seed, max_examples), (sanity_name, in_name, split, seed + 1, max_examples)]
+  plan += [(n, n, split, seed, max_examples) for n in ood_names]
+  if train_reference:
+    n_in = input_pipeline.num_examples(in_name, split, data_dir)
+    plan.append((train_name, in_name, "train", seed, min(n_in, max_examples or n_in)))
   passes = []
-  for pass_name, dataset, data_seed in ([(in_name, in_name, seed), (sanity_name, in_name, seed + 1)] +
-                                        [(n, n, seed) for n in ood_names]):
+  for pass_name, dataset, pass_split, data_seed, cap in plan:
     it, num_local = input_pipeline.create_eval_dataset(
-        dataset, split, preprocessing=datasets_info.eval_preprocessing(config, dataset), batch_size=local_batch,
-        seed=data_seed, max_examples=max_examples, data_dir=data_dir, process_index=jax.process_index(),
-        process_count=n_proc, target_shape=model_shape)
+        dataset, pass_split, preprocessing=datasets_info.eval_preprocessing(config, dataset),
+        batch_size=local_batch, seed=data_seed, max_examples=cap, data_dir=data_dir,
+        process_index=jax.process_index(), process_count=n_proc, target_shape=model_shape)
     passes.append(_Pass(pass_name, dataset, data_seed, it, num_local))
 
   if is_main:
@@ -370,14 +388,15 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
 
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  params = _replicate(loaded.params, replicated)
-  fn = make_bounds_fn(model, mesh, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks, max_rows=max_rows)
+  params = train_lib.replicate(loaded.params, replicated)
+  fn = make_bounds_fn(model, mesh, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks, max_rows=max_rows,
+                      prior_sample=prior_sample, precision=precision)
   t0 = time.perf_counter()
-  x_spec = jax.ShapeDtypeStruct((batch_size,) + model_shape, np.float32, sharding=batch_sharding)
+  x_spec = jax.ShapeDtypeStruct((global_batch,) + model_shape, np.float32, sharding=batch_sharding)
   compiled = fn.lower(params, x_spec, jax.random.PRNGKey(0)).compile()
   compile_seconds = time.perf_counter() - t0
-  log.info("Compiled the bounds of a batch of %d (S=%d, S_k=%d, k=%s) in %.1f s.", batch_size, iw_samples,
-           iw_samples_k, ks, compile_seconds)
+  log.info("Compiled the bounds of a batch of %d (S=%d, S_k=%d, k=%s, precision %s) in %.1f s.", global_batch,
+           iw_samples, iw_samples_k, ks, precision, compile_seconds)
 
   scores: dict[str, dict[str, np.ndarray]] = {}
   scoring_seconds, images = 0.0, 0
@@ -388,14 +407,12 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
     scoring_seconds += dt
     images += len(cols["elbo"])
     scores[p.name] = raw_scores(cols, ks)
-    log.info("Scored %s (%s split): %d examples in %d batches, %.1f s (%.1f images/s); mean ELBO %.2f nats.",
-             p.name, split, len(cols["elbo"]), nb, dt, len(cols["elbo"]) / max(dt, 1e-9),
-             float(np.mean(cols["elbo"])))
+    log.info("Scored %s: %d examples in %d batches, %.1f s (%.1f images/s); mean ELBO %.2f nats.",
+             p.name, len(cols["elbo"]), nb, dt, len(cols["elbo"]) / max(dt, 1e-9), float(np.mean(cols["elbo"])))
 
   num_dims = math.prod(model_shape)
   order = score_names(ks)
   bad = {n: int(np.count_nonzero(~np.isfinite(s[k]))) for n, s in scores.items() for k in order}
-  results = None
   if is_main:
     _atomic_write(os.path.join(out_dir, SCORES_NPZ),
                   lambda f: np.savez(f, **{f"{n}/{k}": v for n, s in scores.items() for k, v in s.items()}),
@@ -405,8 +422,9 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
     raise ValueError(f"{bad[worst]} examples of {worst} have non-finite bounds (see {SCORES_NPZ}); the "
                      "checkpoint may have diverged. Evaluate an earlier step directory.")
 
+  references = [sanity_name] + ([train_name] if train_reference else [])
   in_scores = oriented_scores(scores[in_name], ks)
-  ood_scores = {n: oriented_scores(scores[n], ks) for n in ood_names + [sanity_name]}
+  ood_scores = {n: oriented_scores(scores[n], ks) for n in ood_names + references}
   full_table = ood_metrics.ood_table(in_scores, ood_scores, seed=seed)
   table = {o: {s: {m: float(v[m]) for m in ood_metrics.METRIC_KEYS} for s, v in per.items()}
            for o, per in full_table.items()}
@@ -414,9 +432,14 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
   results = {
       "checkpoint": loaded.path,
       "step": int(loaded.step),
+      "which": loaded.which,
+      "parameters": loaded.parameters,
       "in_distribution": in_name,
       "iw_samples": int(iw_samples),
       "iw_samples_k": int(iw_samples_k),
+      "prior_sample": bool(prior_sample),
+      "lk_mode": LK_MODES[bool(prior_sample)],
+      "precision": precision,
       "n_examples": int(len(scores[in_name]["ELBO"])),
       "ood": table,
       "bits_per_dim": {n: float(bounds.bits_per_dim(np.mean(scores[n]["ELBO"]), num_dims))
@@ -430,8 +453,8 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
       "split": split,
       "seed": int(seed),
       "batch_size": int(batch_size),
+      "padded_batch_size": int(global_batch),
       "max_rows": int(bounds.DEFAULT_MAX_ROWS if max_rows is None else max_rows),
-      "ema": bool(use_ema),
       "devices": int(mesh.devices.size),
       "processes": int(n_proc),
       "images_scored": int(images),
@@ -442,12 +465,13 @@ def evaluate(checkpoint: str, output_dir: str, *, which: str = "latest", ood: Op
     plots.plot_roc(ood_metrics.ood_roc_curves(in_scores, ood_scores, seed=seed), os.path.join(out_dir, ROC_PNG),
                    title=f"{in_name}: OOD = positive (S={iw_samples}, S_k={iw_samples_k})")
     plots.plot_histograms({k: scores[in_name][k] for k in order},
-                          {n: {k: scores[n][k] for k in order} for n in ood_names + [sanity_name]},
+                          {n: {k: scores[n][k] for k in order} for n in ood_names + references},
                           os.path.join(out_dir, HIST_PNG), in_label=in_name, score_order=order)
     settings = {"split": split, "S": iw_samples, "S_k": iw_samples_k, "k": ",".join(map(str, ks)),
+                "L>k": results["lk_mode"],
                 "examples": ", ".join(f"{n} {v}" for n, v in results["n_examples_by_dataset"].items()),
                 "batch": batch_size, "seed": seed, "devices": mesh.devices.size,
-                "parameters": "EMA" if use_ema else "raw"}
+                "parameters": loaded.parameters, "precision": precision}
     results["wall_seconds"] = float(time.perf_counter() - t_start)
     md = _markdown(results, table, order, settings)
     _atomic_write(os.path.join(out_dir, RESULTS_MD), lambda f: f.write(md))

@@ -64,7 +64,8 @@ def _hide_accelerators_from_tf() -> None:
 _hide_accelerators_from_tf()
 
 from hvaeood.datasets_info import (  # pylint: disable=g-import-not-at-top,unused-import
-    ALIASES, DATASETS, PREPROCESSING_KINDS, DatasetInfo, check_image_shape, get_dataset_info)
+    ALIASES, DATASETS, PREPROCESSING_KINDS, DatasetInfo, IDX_IMPORTABLE, check_image_shape, get_dataset_info,
+    prepare_command)
 
 # Random streams, so that training and evaluation noise are unrelated.
 _TRAIN_STREAM = 1
@@ -78,8 +79,6 @@ _BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
 _MAX_DEQUANT_NOISE = 1.0 - 2.0**-16
 
 
-
-_IDX_IMPORTABLE = ('mnist', 'fashion_mnist', 'kmnist')
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -219,18 +218,9 @@ def _not_prepared_message(info: DatasetInfo, data_dir: str | None,
                           detail: str) -> str:
   where = data_dir if data_dir else (
       f'the default TFDS data_dir ({tfds.core.constants.DATA_DIR})')
-  target = data_dir or '~/tensorflow_datasets'
-  if info.tfds_name in _IDX_IMPORTABLE:
-    src = info.idx_source if info.idx_source and os.path.isdir(
-        info.idx_source) else '<directory with the *-idx?-ubyte[.gz] files>'
-    fix = (f'python -m hvaeood.data_import --name {info.tfds_name} '
-           f'--src {src} --data_dir {target}')
-  else:
-    fix = (f'on a machine with network: tfds build {info.tfds_name} '
-           f'--data_dir {target}, then copy {target}/{info.tfds_name} here')
   return (f'Dataset {info.name!r} (TFDS {info.tfds_name!r}) is not prepared '
           f'in {where} and TFDS cannot download here ({detail}). '
-          f'To fix, run: {fix}')
+          f'To fix, run: {prepare_command(info.name, data_dir)}')
 
 
 def _builder(info: DatasetInfo, data_dir: str | None):
@@ -256,7 +246,7 @@ def _tfds_split(info: DatasetInfo, builder, split: str,
     available = sorted(splits.keys())
     msg = (f'Split {split!r} (TFDS {tfds_split!r}) of {info.name!r} is not in '
            f'{builder.data_dir}; available splits: {available}.')
-    if info.tfds_name in _IDX_IMPORTABLE:
+    if info.tfds_name in IDX_IMPORTABLE:
       msg += (' Re-import with the missing IDX files: ' +
               _not_prepared_message(info, data_dir, 'split missing')
               .split('To fix, run: ')[-1] + ' --overwrite')
@@ -457,6 +447,12 @@ def create_train_iterator(config, *, seed: int | None = None,
 # ----------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------
+
+
+def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
+  """The number of examples of a split of a prepared dataset (clear error if absent)."""
+  info = get_dataset_info(name)
+  return _tfds_split(info, _builder(info, data_dir), split, data_dir)[1]
 
 
 def create_eval_dataset(name: str, split: str, *, preprocessing: str,

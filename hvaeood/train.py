@@ -14,10 +14,8 @@ import json
 import logging
 import math
 import os
-import signal
-
 import time
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -31,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hvaeood import bounds
 from hvaeood import checkpoints as ckpt
 from hvaeood import datasets_info
+from hvaeood import run_control
 from hvaeood.models import build_model, init_params
 
 Array = jax.Array
@@ -105,10 +104,11 @@ def model_for_config(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, init_batch) -> TrainState:
-  """Fresh state: data-dependent init of the model on a real batch."""
+  """Fresh state: data-dependent init of the model on a real batch (at the training precision)."""
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)
-  params = init_params(model, init_rng, jnp.asarray(init_batch))
+  with jax.default_matmul_precision(train_precision(config)):
+    params = init_params(model, init_rng, jnp.asarray(init_batch))
   opt_state = make_optimizer(config).init(params)
   ema = jax.tree_util.tree_map(jnp.copy, params) if config.optim.ema_decay > 0 else None
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
@@ -129,20 +129,50 @@ def abstract_train_state(config: ml_collections.ConfigDict, sharding=None) -> Tr
 # Steps
 
 
+PRECISIONS = ("default", "high", "highest")
+
+
+def check_precision(value: str, flag: str) -> str:
+  """A matmul/conv precision name (see `PRECISIONS`); ValueError naming the flag otherwise."""
+  if value not in PRECISIONS:
+    raise ValueError(f"{flag}={value!r} is not a precision; choose one of {', '.join(PRECISIONS)}.")
+  return value
+
+
+def train_precision(config: ml_collections.ConfigDict) -> str:
+  return check_precision(config.train.get("precision", "default"), "--config.train.precision")
+
+
+def eval_precision(config: ml_collections.ConfigDict) -> str:
+  return check_precision(config.eval.get("precision", "highest"), "--config.eval.precision")
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_per_epoch: int):
-  """The jitted-to-be training step: (state, images) -> (state, metrics)."""
+  """The jitted-to-be training step: (state, images[, mask]) -> (state, metrics).
+
+  `mask` ([B] bool, optional) marks the real rows of a batch padded to a multiple of the devices: the loss and
+  the metrics are means over the real rows only, so a padded batch gives the unpadded batch's update. Matmuls and
+  convolutions run at `config.train.precision`.
+  """
   tx = make_optimizer(config)
   o = config.optim
   granularity = config.schedule.free_nats_granularity
   num_layers = model.spec.num_layers
+  precision = train_precision(config)
 
-  def step_fn(state: TrainState, images: Array):
+  def step_fn(state: TrainState, images: Array, mask: Optional[Array] = None):
+    with jax.default_matmul_precision(precision):
+      return _step(state, images, mask)
+
+  def _step(state: TrainState, images: Array, mask: Optional[Array]):
     beta, lam = schedule_values(state.step, config, steps_per_epoch)
     rng = jax.random.fold_in(state.rng, state.step)
+    weights = None if mask is None else mask.astype(jnp.float32)
+    mean = lambda v: jnp.mean(v) if weights is None else jnp.sum(v * weights) / jnp.sum(weights)
 
     def loss_fn(params):
       out = model.apply({"params": params}, images, 0, rngs={"sample": rng})
-      loss, elbo = bounds.training_loss(out, beta, lam, granularity)
+      loss, elbo = bounds.training_loss(out, beta, lam, granularity, weights)
       return loss, out
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -168,16 +198,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, steps_p
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                               skipped=state.skipped + skipped,
                               consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1))
-    elbo = out.elbo[0]
     metrics = {
-        "loss": loss, "elbo": jnp.mean(elbo), "log_px": jnp.mean(out.log_px[0]),
-        "kl": jnp.mean(sum(out.kl)[0]), "beta": beta, "free_nats": lam, "grad_norm": gnorm,
+        "loss": loss, "elbo": mean(out.elbo[0]), "log_px": mean(out.log_px[0]),
+        "kl": mean(sum(out.kl)[0]), "beta": beta, "free_nats": lam, "grad_norm": gnorm,
         "skipped_update": skipped, "skipped_total": new_state.skipped,
         "consecutive_skips": new_state.consecutive_skips,
         "param_norm": optax.global_norm(state.params),
     }
     for i in range(num_layers):
-      metrics[f"kl_z{i + 1}"] = jnp.mean(out.kl[i][0])
+      metrics[f"kl_z{i + 1}"] = mean(out.kl[i][0])
     return new_state, metrics
 
   return step_fn
@@ -198,18 +227,63 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   return Mesh(np.array(devices), ("data",))
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> None:
-  n = mesh.devices.size
-  if global_batch % n:
-    raise ValueError(f"The global batch size {global_batch} does not divide over {n} devices; set "
-                     f"--config.train.batch_size to a multiple of {n}.")
+def padded_batch_size(batch: int, mesh: Mesh) -> int:
+  """The smallest multiple of the mesh's devices (and of the processes) >= `batch`.
+
+  Any batch runs on any device count: a batch is padded to this size and the padding masked, so no default asks
+  for a multiple of the device count.
+  """
+  n = math.lcm(int(mesh.devices.size), jax.process_count())
+  return -(-int(batch) // n) * n
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> int:
+  """Checks the training batch against the processes (each reads an equal share); returns its padded size."""
+  if global_batch < 1:
+    raise ValueError(f"config.train.batch_size must be positive, got {global_batch}.")
   if global_batch % jax.process_count():
     raise ValueError(f"The global batch size {global_batch} does not divide over {jax.process_count()} "
-                     "processes.")
+                     f"processes (each reads an equal share); set --config.train.batch_size to a multiple of "
+                     f"{jax.process_count()}.")
+  return padded_batch_size(global_batch, mesh)
+
+
+def pad_rows(local: np.ndarray, rows: int) -> np.ndarray:
+  """Zero rows appended to a host-local batch so that it has `rows` rows."""
+  extra = rows - local.shape[0]
+  if extra < 0:
+    raise ValueError(f"A local batch of {local.shape[0]} rows does not fit in {rows}.")
+  if extra == 0:
+    return local
+  return np.concatenate([local, np.zeros((extra,) + local.shape[1:], local.dtype)])
 
 
 def to_global(local_batch: np.ndarray, sharding: NamedSharding) -> Array:
   return jax.make_array_from_process_local_data(sharding, local_batch)
+
+
+def replicate(tree, sharding: NamedSharding):
+  """Host-identical numpy values (or a tree of them) as global arrays replicated over `sharding`'s mesh.
+
+  Works across processes: every process must pass the same values.
+  """
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree_util.tree_map(put, jax.device_get(tree))
+
+
+def host_local(x: Array) -> np.ndarray:
+  """The value of a replicated global array on this host (no collective)."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def all_real_rows(local: np.ndarray) -> np.ndarray:
+  """The real rows of every process's local batch, concatenated in process order (identical on every host)."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,8 +297,9 @@ def evaluate_model(model: nn.Module, params, config: ml_collections.ConfigDict, 
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
   ks = tuple(range(model.spec.num_layers))
   sharding = NamedSharding(mesh, P("data"))
-  fn = evaluate_lib.make_bounds_fn(model, mesh, iw_samples=1, iw_samples_k=1, ks=ks, max_rows=None)
-  local_batch = config.eval.batch_size // jax.process_count()
+  fn = evaluate_lib.make_bounds_fn(model, mesh, iw_samples=1, iw_samples_k=1, ks=ks, max_rows=None,
+                                   precision=eval_precision(config))
+  local_batch = padded_batch_size(config.eval.batch_size, mesh) // jax.process_count()
   results = {}
   for i, name in enumerate(datasets):
     it, _ = input_pipeline.create_eval_dataset(
@@ -264,31 +339,6 @@ def eval_summary(results: dict, in_name: str, num_dims: int) -> dict[str, float]
 # The run
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag polled by the loop, which then checkpoints and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    if threading_is_main():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
-def threading_is_main() -> bool:
-  import threading  # pylint: disable=import-outside-toplevel
-  return threading.current_thread() is threading.main_thread()
-
-
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return config.train.num_steps if config.train.num_steps > 0 else config.schedule.epochs * steps_per_epoch
 
@@ -309,6 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.train.distributed:
     jax.distributed.initialize(**_distributed_kwargs(config))
   datasets_info.validate_config(config)
+  train_precision(config)
+  eval_precision(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -332,15 +384,83 @@ def _distributed_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: config.train.get(k) for k in names if config.train.get(k) is not None}
 
 
+def eval_datasets(config: ml_collections.ConfigDict) -> list[str]:
+  """The in-distribution set and the configured OOD sets that are prepared, for the in-training evaluation.
+
+  A configured OOD set that is not prepared is skipped with a warning that names it and how to prepare it. The
+  check reads process 0's filesystem and is broadcast, so every process evaluates the same sets.
+  """
+  data_dir = config.data.get("data_dir")
+  in_name = datasets_info.canonical(config.data.name)
+  candidates = []
+  for name in config.eval.ood_datasets:
+    name = datasets_info.canonical(name)
+    if name != in_name and name not in candidates:
+      candidates.append(name)
+  available = np.array([datasets_info.is_available(n, data_dir) for n in candidates], np.int32)
+  if jax.process_count() > 1 and len(candidates):
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    available = np.asarray(multihost_utils.broadcast_one_to_all(available))
+  for name, ok in zip(candidates, available):
+    if not ok:
+      logging.warning("OOD set %s (config.eval.ood_datasets) is not prepared in %s, so the in-training "
+                      "evaluation skips it. To prepare it: %s", name, datasets_info.data_dir_description(data_dir),
+                      datasets_info.prepare_command(name, data_dir))
+  return [in_name] + [n for n, ok in zip(candidates, available) if ok]
+
+
+def _init_state(config, model, local_images: np.ndarray, batch_sharding, replicated, padded: bool) -> TrainState:
+  """Data-dependent init on the first training batch, created replicated on the mesh."""
+  init = jax.jit(functools.partial(create_train_state, config, model), out_shardings=replicated)
+  if not padded:
+    return init(to_global(local_images, batch_sharding))
+  # Padding rows would skew the init statistics: the init sees the real rows of every process, replicated.
+  return init(replicate(all_real_rows(local_images), replicated))
+
+
+class ImageGrids:
+  """Jitted prior samples and reconstructions for the image grids, compiled once per run.
+
+  Every process calls them (their inputs are global arrays); only process 0 writes the files.
+  """
+
+  def __init__(self, model: nn.Module, mesh: Mesh, num: int, precision: str):
+    replicated = NamedSharding(mesh, P())
+
+    def samples(params, rng):
+      with jax.default_matmul_precision(precision):
+        return model.apply({"params": params}, num, method=model.generate, rngs={"sample": rng})[0]
+
+    def reconstructions(params, x, rng):
+      with jax.default_matmul_precision(precision):
+        return model.apply({"params": params}, x, method=model.reconstruct, rngs={"sample": rng})
+
+    self._samples = jax.jit(samples, in_shardings=(replicated, replicated), out_shardings=replicated)
+    self._recon = jax.jit(reconstructions, in_shardings=(replicated,) * 3, out_shardings=replicated)
+    self.num = num
+
+  def __call__(self, params, x: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(samples [n, ...], originals interleaved with their reconstructions [2n, ...]) on this host."""
+    rng = np.asarray(rng)
+    mean = host_local(self._samples(params, rng))
+    recon = host_local(self._recon(params, np.asarray(x, np.float32), rng))
+    pairs = np.stack([x, recon], axis=1).reshape((2 * len(x),) + x.shape[1:])
+    return mean, pairs
+
+
 def _run(config, workdir, is_main, input_pipeline, logging_utils):
   mesh = make_mesh()
-  check_batch(config.train.batch_size, mesh)
+  batch_size = config.train.batch_size
+  padded = check_batch(batch_size, mesh)
   model = model_for_config(config)
   num_dims = math.prod(model.spec.image_shape)
   spe = input_pipeline.steps_per_epoch(config, jax.process_count())
   num_steps = total_steps(config, spe)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
+  if padded != batch_size:
+    logging.info("The global batch of %d is padded to %d rows for %d devices; the padding is masked out of the "
+                 "loss and the metrics.", batch_size, padded, mesh.devices.size)
 
   manager = ckpt.make_manager(os.path.join(workdir, ckpt.CHECKPOINT_DIR), keep=config.checkpoint.keep)
   best_manager = ckpt.make_manager(os.path.join(workdir, ckpt.BEST_DIR), keep=1)
@@ -360,8 +480,11 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
   if is_main:  # only once the checkpoints are known to fit this config: never overwrite a run's own config
     _write_config(workdir, config)
 
-  train_step = jax.jit(make_train_step(config, model, spe), in_shardings=(replicated, batch_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  # The mask of a padded batch is the same every step: built once, passed as the step's third argument.
+  local_rows, local_real = padded // jax.process_count(), batch_size // jax.process_count()
+  mask = () if padded == batch_size else (to_global(np.arange(local_rows) < local_real, batch_sharding),)
+  train_step = jax.jit(make_train_step(config, model, spe), in_shardings=(replicated,) + (batch_sharding,) *
+                       (1 + len(mask)), out_shardings=(replicated, replicated), donate_argnums=(0,))
   writer = logging_utils.MetricWriter(workdir, enabled=is_main)
   data_iter = iter(input_pipeline.create_train_iterator(
       config, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -370,13 +493,12 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
     # Data-dependent init on the first training batch (which is then also the first step's batch).
     first = next(data_iter)
     data_iter = itertools.chain([first], data_iter)
-    state = jax.jit(functools.partial(create_train_state, config, model), out_shardings=replicated)(
-        to_global(first["image"], batch_sharding))
+    state = _init_state(config, model, first["image"], batch_sharding, replicated, padded != batch_size)
   eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 else \
       max(1, int(round(config.eval.every_epochs * spe)))
   budget_s = config.train.time_budget_minutes * 60.0
-  eval_sets = [config.data.name] + [d for d in config.eval.ood_datasets if d != config.data.name]
-  eval_sets = [d for d in eval_sets if datasets_info.is_available(d, config.data.data_dir) or d == config.data.name]
+  eval_sets = eval_datasets(config)
+  grids = ImageGrids(model, mesh, config.eval.num_samples, eval_precision(config))
 
   def meta(step):
     return {"format_version": ckpt.FORMAT_VERSION, "config": _config_json(config), "step": int(step),
@@ -385,20 +507,22 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
   def save(step, st):
     ckpt.save(manager, step, st, meta(step))
 
-  last_ckpt_time = time.time()
   last_log_time, last_log_step = time.time(), start_step
   last_metrics, last_eval, stop_reason = {}, {}, "completed"
   prev_consec = None
   step = start_step
-  images_per_step = config.train.batch_size
-  with _Preemption() as preempt:
+  with run_control.Preemption() as preempt:
+    control = run_control.RunControl(
+        sync_every=config.train.get("sync_every_steps", 10), budget_seconds=budget_s,
+        checkpoint_every_seconds=60.0 * config.checkpoint.every_minutes, preemption=preempt)
     while step < num_steps:
       t0 = time.time()
       batch = next(data_iter)
-      x = to_global(batch["image"], batch_sharding)
-      state, metrics = train_step(state, x)
+      x = to_global(pad_rows(batch["image"], local_rows), batch_sharding)
+      state, metrics = train_step(state, x, *mask)
       step += 1
-      # Read the previous step's skip counter: this step keeps running while we look.
+      # Read the previous step's skip counter: this step keeps running while we look. The counter is replicated,
+      # so every process stops at the same step.
       if prev_consec is not None and int(prev_consec) >= config.optim.max_consecutive_skips:
         save(step, state)
         manager.wait_until_finished()
@@ -408,11 +532,14 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
             "the data for NaNs. The last checkpoint holds the last good parameters.")
       prev_consec = metrics["consecutive_skips"]
       elapsed += time.time() - t0
+      decision = control.poll(step, elapsed)
+      if decision.train_seconds is not None:
+        elapsed = decision.train_seconds  # process 0's clock, on every process
 
       if step % config.train.log_every_steps == 0 or step == num_steps:
         m = jax.device_get(metrics)
         now = time.time()
-        ips = (step - last_log_step) * images_per_step / max(now - last_log_time, 1e-9)
+        ips = (step - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
         last_log_time, last_log_step = now, step
         last_metrics = {f"train_{k}": float(v) for k, v in m.items()}
         last_metrics["train_images_per_sec"] = ips
@@ -421,27 +548,26 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
           remaining = num_steps - step
           if budget_s > 0:
             remaining = min(remaining, int(max(budget_s - elapsed, 0) / max(elapsed / max(step - start_step, 1), 1e-9)))
-          eta = remaining * images_per_step / max(ips, 1e-9)
+          eta = remaining * batch_size / max(ips, 1e-9)
           logging.info("step %d/%d  loss %.2f  elbo %.2f  beta %.3f  fn %.2f  gnorm %.1f  skipped %d  "
                        "%.1f img/s (%.2f steps/s)  eta %s", step, num_steps, m["loss"], m["elbo"], m["beta"],
-                       m["free_nats"], m["grad_norm"], m["skipped_total"], ips, ips / images_per_step,
+                       m["free_nats"], m["grad_norm"], m["skipped_total"], ips, ips / batch_size,
                        _fmt_time(eta))
 
-      out_of_time = budget_s > 0 and elapsed >= budget_s
-      done = step >= num_steps or out_of_time or preempt.requested
-      if step % eval_every == 0 or (done and not preempt.requested):
-        last_eval = _evaluate_and_log(model, state, config, mesh, eval_sets, step, num_dims, writer, workdir)
+      done = step >= num_steps or decision.out_of_time or decision.preempted
+      if step % eval_every == 0 or (done and not decision.preempted):
+        last_eval = _evaluate_and_log(model, state, config, mesh, eval_sets, step, num_dims, writer, workdir,
+                                      grids)
         if last_eval and (best_elbo is None or last_eval["eval_elbo"] > best_elbo):
           best_elbo = last_eval["eval_elbo"]
           ckpt.save(best_manager, step, state, meta(step))
-      if (step % config.checkpoint.every_steps == 0 or done or
-          (config.checkpoint.every_minutes > 0 and time.time() - last_ckpt_time > 60 * config.checkpoint.every_minutes)):
+      if step % config.checkpoint.every_steps == 0 or done or decision.save_for_time:
         save(step, state)
-        last_ckpt_time = time.time()
-      if preempt.requested:
+        control.checkpoint_saved()
+      if decision.preempted:
         stop_reason = "preempted (SIGTERM): checkpoint saved"
         break
-      if out_of_time:
+      if decision.out_of_time:
         stop_reason = f"time budget of {config.train.time_budget_minutes:g} min reached"
         break
   manager.wait_until_finished()
@@ -456,32 +582,28 @@ def _run(config, workdir, is_main, input_pipeline, logging_utils):
   return summary
 
 
-def _evaluate_and_log(model, state, config, mesh, eval_sets, step, num_dims, writer, workdir):
+def _evaluate_and_log(model, state, config, mesh, eval_sets, step, num_dims, writer, workdir, grids: ImageGrids):
+  """Validation bounds and image grids of the evaluated parameters (EMA when kept). Every process runs the
+  jitted calls; process 0 logs and writes the files."""
+  from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
   from hvaeood import plots  # pylint: disable=import-outside-toplevel
   params = state.ema_params if state.ema_params is not None else state.params
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
   results = evaluate_model(model, params, config, mesh, rng, eval_sets)
-  summary = eval_summary(results, config.data.name, num_dims)
+  summary = eval_summary(results, datasets_info.canonical(config.data.name), num_dims)
   writer.write_scalars(step, summary)
+  # Reconstructions: the first test images (the same on every process), each beside the mean of p(x|z), z ~ q(z|x).
+  it, _ = input_pipeline.create_eval_dataset(
+      config.data.name, "test", preprocessing=config.data.preprocessing, batch_size=grids.num, seed=config.seed,
+      max_examples=grids.num, data_dir=config.data.data_dir, target_shape=model.spec.image_shape)
+  mean, pairs = grids(params, next(iter(it))["image"], rng)
   if jax.process_index() == 0:
     logging.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-    n = config.eval.num_samples
-    mean, sample = jax.jit(lambda p, r: model.apply({"params": p}, n, method=model.generate, rngs={"sample": r}))(
-        params, rng)
     imgdir = os.path.join(workdir, "images")
-    plots.save_image_grid(np.asarray(mean), os.path.join(imgdir, f"samples_{step:08d}.png"))
-    # Reconstructions: originals in the odd columns, the mean of p(x|z), z ~ q(z|x), next to each.
-    from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
-    it, _ = input_pipeline.create_eval_dataset(
-        config.data.name, "test", preprocessing=config.data.preprocessing, batch_size=n, seed=config.seed,
-        max_examples=n, data_dir=config.data.data_dir, target_shape=model.spec.image_shape)
-    x = next(iter(it))["image"]
-    recon = jax.jit(lambda p, b, r: model.apply({"params": p}, b, method=model.reconstruct, rngs={"sample": r}))(
-        params, x, rng)
-    pairs = np.stack([x, np.asarray(recon)], axis=1).reshape((2 * n,) + x.shape[1:])
+    plots.save_image_grid(mean, os.path.join(imgdir, f"samples_{step:08d}.png"))
     plots.save_image_grid(pairs, os.path.join(imgdir, f"reconstructions_{step:08d}.png"),
-                          ncols=2 * int(np.ceil(np.sqrt(n))))
-    writer.write_images(step, {"samples": np.asarray(mean), "reconstructions": pairs})
+                          ncols=2 * int(np.ceil(np.sqrt(grids.num))))
+    writer.write_images(step, {"samples": mean, "reconstructions": pairs})
   return summary
 
 

@@ -93,9 +93,8 @@ def unknown_train_dataset(env):
 
 
 @case
-def train_batch_not_divisible(env):
-  return env.train("train_batch_not_divisible", f"--config={env.cfg}", "--config.train.batch_size=15",
-                   devices=2)
+def bad_train_precision(env):
+  return env.train("bad_train_precision", f"--config={env.cfg}", "--config.train.precision=fp8")
 
 
 @case
@@ -191,14 +190,6 @@ def k_out_of_range(env):
 
 
 @case
-def eval_batch_not_divisible(env):
-  out = env.dir("eval_batch_not_divisible") / "out"
-  res = R.run_cli([R.REPO / "evaluate.py", f"--checkpoint={env.reference()}", f"--output_dir={out}",
-                   "--ood=mnist", "--batch_size=33"], devices=2)
-  return res, out
-
-
-@case
 def unwritable_output_dir(env):
   blocker = env.dir("unwritable_output_dir")
   blocker.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +229,7 @@ def results(tfds_data_dir, tmp_path_factory, pytestconfig, request):
     if getattr(item, "module", None) is module and getattr(item, "function", None) is not None:
       wanted.update(re.findall(r'get\(results, "(\w+)"\)', inspect.getsource(item.function)))
   needs_reference = ("resume_with_other_model", "checkpoint_config_mismatch", "unknown_ood_dataset",
-                     "ood_shape_mismatch", "iw_samples_zero", "k_out_of_range", "eval_batch_not_divisible",
+                     "ood_shape_mismatch", "iw_samples_zero", "k_out_of_range",
                      "unwritable_output_dir")
   futures = _Cases(pool, env)
   for name in sorted((n for n in CASES if n in wanted), key=lambda n: n in needs_reference):
@@ -305,9 +296,9 @@ def test_unknown_train_dataset(results):
   assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
 
 
-def test_train_batch_not_divisible_over_devices(results):
-  res, wd = get(results, "train_batch_not_divisible")
-  R.assert_user_error(res, "15", "2 devices", "--config.train.batch_size")
+def test_bad_train_precision(results):
+  res, wd = get(results, "bad_train_precision")
+  R.assert_user_error(res, "--config.train.precision='fp8'", "default, high, highest")
   assert not (wd / "checkpoints").exists()
 
 
@@ -369,12 +360,6 @@ def test_iw_samples_below_one(results):
 def test_k_not_below_number_of_layers(results):
   res, out = get(results, "k_out_of_range")
   R.assert_user_error(res, "k = 3", "0..2")
-  no_results(out)
-
-
-def test_eval_batch_not_divisible_over_devices(results):
-  res, out = get(results, "eval_batch_not_divisible")
-  R.assert_user_error(res, "33", "2")
   no_results(out)
 
 

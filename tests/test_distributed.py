@@ -46,12 +46,16 @@ for batch in d['batches']:
   assert len(x.sharding.device_set) == d['devices']
   state, metrics = step(state, x)
   results.append((H.state_to_host(state), H.state_to_host(metrics)))
+# An 18-row batch on 4 devices: padded to 20 rows, the 2 padding rows masked.
+padded = train.check_batch(18, rep.mesh)
+x18 = d['odd_batch']
+mask = train.to_global(np.arange(padded) < 18, data)
+pstep = jax.jit(train.make_train_step(config, model, d['spe']), in_shardings=(rep, data, data),
+                out_shardings=(rep, rep))
+pstate, pmetrics = pstep(jax.device_put(d['state'], rep), train.to_global(train.pad_rows(x18, padded), data), mask)
+results.append((padded, H.state_to_host(pstate), H.state_to_host(pmetrics)))
 with open(out, 'wb') as f:
   pickle.dump(results, f)
-try:
-  train.check_batch(18, rep.mesh)
-except ValueError as e:
-  print('BATCH_ERROR', e)
 """
 
 
@@ -81,22 +85,31 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
   model = train.model_for_config(config)
   state0 = H.state_to_host(H.init_state(config, model, batches[0], jax.devices()[:1]))
 
+  odd = np.concatenate([batches[0], batches[1][:2]])  # 18 rows: not a multiple of 4
   inp, out = tmp_path / 'in.pkl', tmp_path / 'out.pkl'
   with open(inp, 'wb') as f:
-    pickle.dump({'state': state0, 'batches': batches, 'spe': spe, 'devices': 4, 'data_dir': tfds_data_dir}, f)
+    pickle.dump({'state': state0, 'batches': batches, 'spe': spe, 'devices': 4, 'data_dir': tfds_data_dir,
+                 'odd_batch': odd}, f)
   proc = H.start_python(_SHARDED_STEPS, inp, out, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   try:
     one = _steps_on_this_process(config, state0, batches, spe, jax.devices()[:1])
+    one_odd = _steps_on_this_process(config, state0, [odd], spe, jax.devices()[:1])[0]
     log, _ = proc.communicate(timeout=400)
   finally:
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 0, log[-6000:]
-  # A global batch that does not divide over the 4 devices is a clear error that says what to set.
-  assert 'BATCH_ERROR The global batch size 18 does not divide over 4 devices' in log, log[-3000:]
-  assert '--config.train.batch_size to a multiple of 4' in log
   with open(out, 'rb') as f:
     four = pickle.load(f)
+  # The 18-row batch padded to 20 rows on 4 devices (2 rows masked) gives the unpadded 18-row step of 1 device:
+  # the same loss and metrics (means over the real rows) and the same gradients (Adam's first moment).
+  padded, s_pad, m_pad = four.pop()
+  assert padded == 20
+  for k in one_odd[1]:
+    np.testing.assert_allclose(m_pad[k], one_odd[1][k], rtol=1e-4, atol=1e-6, err_msg=f'padded step: {k}')
+  np.testing.assert_allclose(m_pad['loss'], one_odd[1]['loss'], rtol=1e-5)
+  H.tree_allclose(s_pad.opt_state[0].mu, one_odd[0].opt_state[0].mu, rtol=1e-4, atol_frac=1e-5,
+                  what='Adam mu (gradients) of the padded step')
 
   for i, ((s1, m1), (s4, m4)) in enumerate(zip(one, four)):
     assert int(m1['skipped_update']) == 0 and int(m4['skipped_update']) == 0
@@ -234,3 +247,161 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
   single = train.eval_summary(results, config.data.name, 784)
   for k in ('eval_elbo', 'eval_log_px', 'eval_L>1', 'eval_L>2', 'eval_kl_z1'):
     np.testing.assert_allclose(s0[k], single[k], rtol=1e-4, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8 fake devices: the tiny config trains through its evaluations
+
+_EIGHT_DEVICES = """
+import json, sys
+import jax
+import helpers_train as H
+from hvaeood import train
+assert jax.device_count() == 8
+config = H.tiny_config(sys.argv[2], num_steps=4)
+config.train.batch_size = 20  # padded to 24 rows (4 masked)
+config.train.eval_every_steps = 2  # two evaluations of 50 examples: batches padded to 56 rows
+summary = train.train_and_evaluate(config, sys.argv[1])
+print('SUMMARY ' + json.dumps(summary), flush=True)
+"""
+
+
+def test_eight_devices_train_through_the_evaluations(tfds_data_dir, tmp_path):
+  """The tiny config with batch 20 and evaluation batch 50 on 8 devices: it trains on batches padded to 24 rows,
+  evaluates at steps 2 and 4 on batches padded to 56, and its evaluation equals one device's evaluation of the
+  saved parameters on batches of the same 56 rows (the latent draws of a row depend on the batch's shape)."""
+  workdir = tmp_path / 'wd'
+  log = H.run_python(_EIGHT_DEVICES, workdir, tfds_data_dir, timeout=400,
+                     XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  summary = _summary(log)
+  assert summary['step'] == 4 and summary['stop_reason'] == 'completed'
+  evals = [r for r in H.read_jsonl(workdir / 'metrics.jsonl') if 'eval_elbo' in r]
+  assert [r['step'] for r in evals] == [2, 4]
+  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
+  loaded = ckpt.load_for_eval(str(workdir), which='latest')
+  assert loaded.step == 4
+  config = H.tiny_config(tfds_data_dir, num_steps=4)
+  config.eval.batch_size = 56
+  model = train.model_for_config(config)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), 4)  # as train._evaluate_and_log
+  mesh = H.shardings(jax.devices()[:1])[0].mesh
+  results = train.evaluate_model(model, loaded.params, config, mesh, rng, [config.data.name])
+  assert len(results[config.data.name]['elbo']) == config.eval.max_examples
+  single = train.eval_summary(results, config.data.name, 784)
+  for k in ('eval_elbo', 'eval_log_px', 'eval_L>1', 'eval_L>2', 'eval_kl_z1'):
+    np.testing.assert_allclose(summary[k], single[k], rtol=1e-4, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2 processes: wall-clock checkpoints and SIGTERM to one process only
+
+_CONTROLLED = """
+import json, sys
+import jax
+import helpers_train as H
+from hvaeood import train
+pid, port, workdir, data_dir, num_steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+config = H.tiny_config(data_dir, num_steps=num_steps, checkpoint_every=10**6)
+config.checkpoint.every_minutes = 0.004  # a timed save every ~0.25 s of process 0's clock
+config.checkpoint.keep = 1000
+config.train.eval_every_steps = 10**6  # evaluate only at the end of a completed run
+config.train.sync_every_steps = 2
+config.train.distributed = True
+config.train.coordinator_address = f'localhost:{port}'
+config.train.num_processes = 2
+config.train.process_id = pid
+summary = train.train_and_evaluate(config, workdir)
+print('SUMMARY ' + json.dumps(summary), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def _start_pair(tmp_path, tag, workdir, data_dir, num_steps):
+  port = H.free_port()
+  procs, logs = [], []
+  for pid in range(2):
+    log = tmp_path / f'{tag}_{pid}.log'
+    procs.append(H.start_python(_CONTROLLED, pid, port, workdir, data_dir, num_steps, log_path=log))
+    logs.append(log)
+  return procs, logs
+
+
+def _wait_pair(procs, logs, timeout):
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.time()))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  finally:
+    hung = [i for i, p in enumerate(procs) if p.poll() is None]
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  texts = [l.read_text() for l in logs]
+  assert not hung, f'processes {hung} did not exit within {timeout} s (a deadlock?):\n{texts[0][-4000:]}'
+  for pid, (p, text) in enumerate(zip(procs, texts)):
+    assert p.returncode == 0, f'process {pid} exited with {p.returncode}:\n{text[-8000:]}'
+  return [_summary(t) for t in texts]
+
+
+def test_two_processes_sigterm_to_one_and_timed_checkpoints_stay_in_step(tfds_data_dir, tmp_path):
+  """2 processes, a wall-clock checkpoint cadence of 0.25 s and SIGTERM to process 1 only.
+
+  Timed saves (collectives) happen at the same steps on both processes, decided on process 0's clock; SIGTERM to
+  one process stops both at the same step, both save it and exit 0 within a bounded time (no deadlock). Resuming
+  the run from an earlier timed checkpoint in a copy of the workdir reproduces the preempted step's state bit for
+  bit.
+  """
+  import shutil  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / 'wd'
+  procs, logs = _start_pair(tmp_path, 'run', workdir, tfds_data_dir, 10**6)
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline:  # until training is well under way (process 0 logs every step)
+      rows = H.train_rows(workdir) if (workdir / 'metrics.jsonl').exists() else []
+      if rows and rows[-1]['step'] >= 12 and len(os.listdir(workdir / 'checkpoints')) >= 2:
+        break
+      assert all(p.poll() is None for p in procs), logs[0].read_text()[-4000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+  except BaseException:
+    for p in procs:
+      p.kill()
+    raise
+  s0, s1 = _wait_pair(procs, logs, timeout=60)
+  stop = s0['step']
+  assert s1['step'] == stop and s0['stop_reason'] == s1['stop_reason'] == 'preempted (SIGTERM): checkpoint saved'
+  assert stop % 2 == 0  # decided at a sync step
+  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert steps[-1] == stop and len(steps) >= 3, steps
+  assert all(st % 2 == 0 for st in steps), steps  # timed saves only at sync steps
+  assert not [d for d in os.listdir(workdir / 'checkpoints') if not d.isdigit()]  # no temporaries left
+
+  # Resume from the last timed checkpoint before the stop, in a copy, up to the stop step.
+  resume_from = steps[-2]
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  for st in steps[-1:]:
+    shutil.rmtree(copy / 'checkpoints' / str(st))
+  shutil.rmtree(copy / 'best', ignore_errors=True)
+  rows_before = len(H.read_jsonl(copy / 'metrics.jsonl'))
+  procs, logs = _start_pair(tmp_path, 'resume', copy, tfds_data_dir, stop)
+  r0, r1 = _wait_pair(procs, logs, timeout=240)
+  assert r0['step'] == r1['step'] == stop and r0['stop_reason'] == 'completed'
+  resumed = [r for r in H.read_jsonl(copy / 'metrics.jsonl')[rows_before:] if 'train_loss' in r]
+  assert [r['step'] for r in resumed] == list(range(resume_from + 1, stop + 1))
+  original = {r['step']: r for r in H.train_rows(workdir)}
+  for r in resumed:
+    assert r['train_loss'] == original[r['step']]['train_loss'], r['step']
+  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
+  config = H.tiny_config(tfds_data_dir)
+  abstract = train.abstract_train_state(config)
+  states = []
+  for wd in (workdir, copy):
+    manager = ckpt.make_manager(str(wd / 'checkpoints'), keep=1000, read_only=True)
+    states.append(H.state_to_host(ckpt.restore(manager, stop, abstract)[0]))
+  assert int(states[0].step) == stop
+  H.tree_allclose(states[1], states[0], rtol=0, atol=0, what='resumed vs preempted state')

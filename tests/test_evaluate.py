@@ -56,6 +56,7 @@ def workdir(tfds_data_dir, tmp_path_factory):
   config.checkpoint.every_steps = 4
   config.eval.ood_datasets = ()
   config.eval.max_examples = 50
+  config.optim.ema_decay = 0.5  # an EMA far from the raw parameters after 4 steps
   path = tmp_path_factory.mktemp("tiny_run")
   train.train_and_evaluate(config, str(path))
   return str(path)
@@ -94,7 +95,10 @@ def test_cli_writes_complete_consistent_outputs(cli_run, workdir):
   for key in ("checkpoint", "step", "in_distribution", "iw_samples", "iw_samples_k", "n_examples", "ood",
               "bits_per_dim", "elbo", "wall_seconds", "images_per_sec"):
     assert key in r, key
-  assert r["checkpoint"] == os.path.join(workdir, "checkpoints", "4") and r["step"] == 4
+  # By default the workdir's best checkpoint, its EMA parameters, highest precision, the reference's L>k.
+  assert r["checkpoint"] == os.path.join(workdir, "best", "4") and r["step"] == 4 and r["which"] == "best"
+  assert r["parameters"] == "EMA" and r["precision"] == "highest" and r["prior_sample"] is False
+  assert f"Evaluating {os.path.join(workdir, 'best', '4')} (step 4, best, EMA parameters)" in proc.stdout
   assert r["in_distribution"] == "fashion_mnist" and r["iw_samples"] == 1 and r["iw_samples_k"] == 1
   assert r["n_examples"] == N
   assert list(r["ood"]) == ["mnist", "fashion_mnist (sanity)"]
@@ -134,43 +138,41 @@ def test_cli_writes_complete_consistent_outputs(cli_run, workdir):
     for score, cells in rows.items():
       assert float(cells[i]) == pytest.approx(round(r["ood"][ood_name][score][metric.lower()], 3), abs=1e-9)
   assert "Bits/dim" in md
+  assert "EMA parameters" in md and "parameters EMA" in md and "precision highest" in md
+  assert "L>k conditional-prior mean (reference)" in md
   # stdout: the table and the throughput.
   assert "| LLR>1 |" in proc.stdout and "images/s" in proc.stdout
 
 
-def _jit_apply(model):
-  return jax.jit(lambda p, x, skips, key: bounds.apply_model(model, p, x, skips, key))
+def _jit_apply(model, prior_sample=False):
+  return jax.jit(lambda p, x, skips, key: bounds.apply_model(model, p, x, skips, key, prior_sample))
 
 
-def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_data_dir):
-  """Every stored score equals an independent model pass with the documented keys and row layout.
+def assert_scores_are_independent_passes(scores, params, model, passes, *, batch, n, data_dir, prior_sample=False):
+  """Every stored score of each pass equals an independent model pass with the documented keys and row layout.
 
-  With S = S_k = 1 and ks = (0, 1, 2), `compute_bounds` evaluates the rows [0 (ELBO), 0, 1, 2] (skip counts)
-  of each batch in one chunk (4 x 100 rows <= max_rows 2048) with key fold_in(batch key, chunk 0); batch i of
-  pass `name` has key fold_in(pass_key(seed, name), i). So for every example: ELBO = row 0's single-sample
-  bound, L>k = row 1+k's, LLR>k = their difference, log_px and kl = row 0's terms. This checks the evaluation's
-  batching, padding/masking, gathering, ordering and key schedule, not just that it runs.
+  With S = S_k = 1 and ks = (0, 1, 2), `compute_bounds` evaluates the rows [0 (ELBO), 0, 1, 2] (skip counts) of
+  each (padded) batch in one chunk with key fold_in(batch key, chunk 0); batch i of pass `name` has key
+  fold_in(pass_key(seed 0, name), i). So for every example: ELBO = row 0's single-sample bound, L>k = row 1+k's,
+  LLR>k = their difference, log_px and kl = row 0's terms.
+
+  Args:
+    passes: (pass name, dataset, split, data seed) of each pass to check.
   """
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
-  out, _ = cli_run
-  scores = np.load(out / "scores.npz")
-  loaded = ckpt.load_for_eval(workdir)
-  model = train.model_for_config(loaded.config)
-  apply = _jit_apply(model)
+  apply = _jit_apply(model, prior_sample)
   skips = jnp.array([0, 0, 1, 2], jnp.int32)
-  for name, dataset, data_seed in (("fashion_mnist", "fashion_mnist", 0), ("fashion_mnist (sanity)",
-                                                                           "fashion_mnist", 1),
-                                   ("mnist", "mnist", 0)):
-    it, n = input_pipeline.create_eval_dataset(dataset, "test", preprocessing="binarize", batch_size=BATCH,
-                                               seed=data_seed, max_examples=N, data_dir=tfds_data_dir)
-    assert n == N
-    for i, batch in enumerate(it):
+  for name, dataset, split, data_seed in passes:
+    it, got_n = input_pipeline.create_eval_dataset(dataset, split, preprocessing="binarize", batch_size=batch,
+                                                   seed=data_seed, max_examples=n, data_dir=data_dir)
+    assert got_n == n
+    for i, b in enumerate(it):
       key = jax.random.fold_in(jax.random.fold_in(ev.pass_key(0, name), i), 0)
-      o = jax.device_get(apply(loaded.params, jnp.asarray(batch["image"]), skips, key))
-      real = batch["mask"]
-      assert real.sum() == min(BATCH, N - i * BATCH)
-      rows = slice(i * BATCH, i * BATCH + int(real.sum()))
-      close = lambda a, b: np.testing.assert_allclose(a, b[..., real], rtol=2e-5, atol=1e-2)
+      o = jax.device_get(apply(params, jnp.asarray(b["image"]), skips, key))
+      real = b["mask"]
+      assert real.sum() == min(batch, n - i * batch)
+      rows = slice(i * batch, i * batch + int(real.sum()))
+      close = lambda a, c: np.testing.assert_allclose(a, c[..., real], rtol=2e-5, atol=1e-2)
       close(scores[f"{name}/ELBO"][rows], o.elbo[0])
       for k in range(3):
         close(scores[f"{name}/L>{k}"][rows], o.elbo[1 + k])
@@ -180,8 +182,98 @@ def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_da
         assert np.all(np.abs(llr - (o.elbo[0] - o.elbo[1 + k])[real]) <= tol), (name, k)
       close(scores[f"{name}/log_px"][rows], o.log_px[0])
       close(scores[f"{name}/kl"][rows].T, np.stack([kl[0] for kl in o.kl]))
+
+
+def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_data_dir):
+  """Every stored score equals an independent model pass of the checkpoint's EMA parameters (the default) with
+  the documented keys and row layout (`assert_scores_are_independent_passes`): this checks the evaluation's
+  batching, padding/masking, gathering, ordering and key schedule, not just that it runs."""
+  out, _ = cli_run
+  scores = np.load(out / "scores.npz")
+  loaded = ckpt.load_for_eval(workdir)
+  assert loaded.parameters == "EMA"
+  model = train.model_for_config(loaded.config)
+  assert_scores_are_independent_passes(
+      scores, loaded.params, model, [("fashion_mnist", "fashion_mnist", "test", 0),
+                                     ("fashion_mnist (sanity)", "fashion_mnist", "test", 1),
+                                     ("mnist", "mnist", "test", 0)], batch=BATCH, n=N, data_dir=tfds_data_dir)
   # The sanity pass is a genuinely different draw of the same examples.
   assert not np.allclose(scores["fashion_mnist/ELBO"], scores["fashion_mnist (sanity)/ELBO"])
+
+
+def test_raw_parameters_prior_samples_train_reference_and_latest(workdir, tfds_data_dir, tmp_path):
+  """--no_ema --prior_sample --train_reference --which latest: results name the raw parameters, the latest
+  checkpoint and the paper's L>k; every score is an independent pass of the raw parameters with z_{<=k} sampled
+  from the conditional prior; the in-distribution train split is scored as a reference row."""
+  n, batch = 20, 10
+  proc = run_cli("--checkpoint", workdir, "--ood", "mnist", "--output_dir", tmp_path, "--max_examples", n,
+                 "--batch_size", batch, "--no_ema", "--prior_sample", "--train_reference", "--which", "latest")
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  r = json.loads((tmp_path / "results.json").read_text())
+  assert r["checkpoint"] == os.path.join(workdir, "checkpoints", "4") and r["which"] == "latest"
+  assert r["parameters"] == "raw" and r["prior_sample"] is True
+  assert r["lk_mode"] == "conditional-prior sample (paper)"
+  assert list(r["ood"]) == ["mnist", "fashion_mnist (sanity)", "fashion_mnist (train split)"]
+  assert r["n_examples_by_dataset"]["fashion_mnist (train split)"] == n
+  md = (tmp_path / "results.md").read_text()
+  assert "raw parameters" in md and "conditional-prior sample (paper)" in md
+  assert "fashion_mnist (train split) AUROC" in md
+  scores = np.load(tmp_path / "scores.npz")
+  loaded = ckpt.load_for_eval(workdir, which="latest", use_ema=False)
+  assert loaded.parameters == "raw"
+  model = train.model_for_config(loaded.config)
+  assert_scores_are_independent_passes(
+      scores, loaded.params, model, [("fashion_mnist", "fashion_mnist", "test", 0),
+                                     ("fashion_mnist (train split)", "fashion_mnist", "train", 0)],
+      batch=batch, n=n, data_dir=tfds_data_dir, prior_sample=True)
+  # The EMA differs from the raw parameters, so the two runs' parameters are really different ones.
+  ema = ckpt.load_for_eval(workdir, which="latest").params
+  assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(loaded.params))) > 1e-4
+
+
+def _precisions(text: str) -> list[str]:
+  """The precision of every convolution and dot in a lowered (StableHLO) program."""
+  ops = [l for l in text.splitlines() if "stablehlo.convolution" in l or "stablehlo.dot_general" in l]
+  assert ops
+  return [re.findall(r"precision (?:= \[)?(\w+)", l) or ["DEFAULT"] for l in ops]
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_lowered_evaluation_and_training_carry_the_precision(workdir, precision):
+  """The evaluation's bounds and the training step ask XLA for the configured precision in the program itself,
+  so a backend's default (bfloat16 passes on TPU, TF32 on GPU) cannot change the likelihoods."""
+  loaded = ckpt.load_for_eval(workdir)
+  model = train.model_for_config(loaded.config)
+  mesh = train.make_mesh()
+  x = jax.ShapeDtypeStruct((4, 28, 28, 1), jnp.float32)
+  fn = ev.make_bounds_fn(model, mesh, iw_samples=2, iw_samples_k=1, ks=(0, 1, 2), max_rows=None,
+                         precision=precision)
+  found = _precisions(fn.lower(loaded.params, x, jax.random.PRNGKey(0)).as_text())
+  want = "HIGHEST" if precision == "highest" else "DEFAULT"
+  assert all(set(p) == {want} for p in found), found[:5]
+  config = loaded.config
+  config.train.precision = precision
+  step = jax.jit(train.make_train_step(config, model, 100))
+  found = _precisions(step.lower(train.abstract_train_state(config), x).as_text())
+  assert len(found) > 20 and all(set(p) == {want} for p in found), found[:5]
+
+
+def test_eight_devices_score_a_set_smaller_than_one_batch(workdir, tfds_data_dir, tmp_path):
+  """The default batch (500) on 8 devices, 5 examples per set: the batch is padded to 504 rows (a multiple of 8),
+  the padding masked, and the 5 scores of each pass are those of an independent pass over the padded batch."""
+  n = 5
+  proc = run_cli("--checkpoint", workdir, "--ood", "mnist", "--output_dir", tmp_path, "--max_examples", n,
+                 XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  r = json.loads((tmp_path / "results.json").read_text())
+  assert r["devices"] == 8 and r["batch_size"] == 500 and r["padded_batch_size"] == 504
+  assert r["n_examples_by_dataset"] == {"fashion_mnist": n, "fashion_mnist (sanity)": n, "mnist": n}
+  loaded = ckpt.load_for_eval(workdir)
+  assert_scores_are_independent_passes(
+      np.load(tmp_path / "scores.npz"), loaded.params, train.model_for_config(loaded.config),
+      [("fashion_mnist", "fashion_mnist", "test", 0), ("mnist", "mnist", "test", 0)], batch=504, n=n,
+      data_dir=tfds_data_dir)
 
 
 def test_chunked_importance_weighting_follows_the_documented_row_layout(workdir, tfds_data_dir):
@@ -280,7 +372,7 @@ def not_a_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "zero_samples", "k_too_large", "unknown_ood",
-                                  "ood_shape_mismatch", "batch_not_divisible", "unwritable_output"])
+                                  "ood_shape_mismatch", "bad_precision", "bad_which", "unwritable_output"])
 def test_cli_user_errors_exit_2_with_one_line(case, workdir, tmp_path, not_a_dir):
   out = tmp_path / "out"
   args = {"--checkpoint": workdir, "--ood": "mnist", "--output_dir": out, "--max_examples": 20,
@@ -301,10 +393,12 @@ def test_cli_user_errors_exit_2_with_one_line(case, workdir, tmp_path, not_a_dir
   elif case == "ood_shape_mismatch":
     args["--ood"] = "cifar10"
     expect = "(32, 32, 3)"
-  elif case == "batch_not_divisible":
-    args["--batch_size"] = 3
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    expect = "2 devices"
+  elif case == "bad_precision":
+    args["--precision"] = "fp8"
+    expect = "--precision='fp8' is not a precision"
+  elif case == "bad_which":
+    args["--which"] = "newest"
+    expect = "--which must be 'best' or 'latest'"
   elif case == "unwritable_output":
     args["--output_dir"] = out = not_a_dir / "out"
     expect = "not writable"
@@ -323,7 +417,7 @@ def test_two_devices_give_the_one_device_scores(cli_run, workdir, tmp_path):
   """Batches sharded over 2 devices: the gathered per-example scores equal the single-device run's."""
   ref, _ = cli_run
   proc = run_cli("--checkpoint", workdir, "--ood", "mnist", "--output_dir", tmp_path, "--max_examples", N,
-                 "--batch_size", BATCH, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                 "--batch_size", BATCH, "--which", "best", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert json.loads((tmp_path / "results.json").read_text())["devices"] == 2
   a, b = np.load(ref / "scores.npz"), np.load(tmp_path / "scores.npz")

@@ -329,6 +329,28 @@ def test_train_batches_binarized_and_fresh_each_epoch(tfds_data_dir):
   assert diff > 0.01
 
 
+def test_train_dequantization_fresh_each_epoch(tfds_data_dir):
+  """Dequantised training data: x = (k + u) / 256 with floor(256 x) = k, and every example gets new noise u in
+  every epoch (matched across epochs by its pixels k); the same seed repeats the stream."""
+  cfg = _config(tfds_data_dir, preprocessing='dequantize')
+  x = np.stack([b['image'] for b in _take(ip.create_train_iterator(cfg, seed=3), 32)]).astype(np.float64)
+  again = np.stack([b['image'] for b in _take(ip.create_train_iterator(cfg, seed=3), 32)])
+  np.testing.assert_array_equal(x, again)
+  assert x.min() >= 0 and x.max() < 1
+  k = np.floor(256 * x)
+  u = 256 * x - k
+  # Epoch 0 and epoch 1 (16 steps each): the same 1024 examples, matched by content.
+  k0, k1 = k[:16].reshape(-1, 784), k[16:].reshape(-1, 784)
+  u0, u1 = u[:16].reshape(-1, 784), u[16:].reshape(-1, 784)
+  pos1 = {k1[i].astype(np.uint8).tobytes(): i for i in range(len(k1))}
+  pairs = [(i, pos1[k0[i].astype(np.uint8).tobytes()]) for i in range(len(k0))
+           if k0[i].astype(np.uint8).tobytes() in pos1]
+  assert len(pairs) > 0.99 * len(k0)  # (a few duplicate images in FashionMNIST match either copy)
+  diffs = np.array([np.mean(np.abs(u0[i] - u1[j])) for i, j in pairs])
+  # Independent U[0, 1) draws differ by 1/3 on average; a repeated draw would give 0.
+  assert abs(np.median(diffs) - 1 / 3) < 0.02 and np.mean(diffs < 1e-6) < 0.01
+
+
 def test_train_resume_matches_uninterrupted(tfds_data_dir):
   cfg = _config(tfds_data_dir)  # 16 steps per epoch.
   full = _take(ip.create_train_iterator(cfg, seed=5), 40)

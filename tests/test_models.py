@@ -324,3 +324,89 @@ def test_inference_uses_posterior_means_below_k(tiny):
   np.testing.assert_array_equal(q3_mu[5], q3_mu[4])
   np.testing.assert_array_equal(q3_sigma[5], q3_sigma[4])
   assert np.all(q3_mu[2] != q3_mu[3]) and np.all(q3_mu[0] != q3_mu[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what each KL term pairs, and where skipped layers come from
+
+
+def _captured(model, params, x, ks, seed, names, prior_sample=False):
+  """Forward pass that also returns the sown latents z{i} and the outputs of the modules in `names`."""
+  @jax.jit
+  def run(params, key):
+    out, state = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(ks, jnp.int32), prior_sample,
+                             rngs={"sample": key}, capture_intermediates=lambda mdl, _: mdl.name in names,
+                             mutable=["intermediates"])
+    return out, state["intermediates"]
+  return run(params, jax.random.key(seed))
+
+
+def _rows(a, R):
+  """[R*B, ...] (or [B, ...], shared by the replicas) -> float64 [R, B, n]."""
+  a = _np(a)
+  if a.shape[0] == B:
+    a = np.broadcast_to(a[None], (R,) + a.shape)
+  return a.reshape(R, B, -1)
+
+
+def _log_normal(z, mu, sigma):
+  return -0.5 * ((z - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * math.log(2 * math.pi)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_ladder"])
+def test_each_kl_pairs_posterior_and_conditional_prior_at_the_same_z(fixture, request):
+  """KL_l = log q(z_l | .) - log p(z_l | z_{l+1}) at the z_l the decoder uses, elementwise, with p = N(0, I) for the
+  top layer; 0 for skipped layers. Recomputed in float64 from the captured heads q{l}, p{l} and the sown z{l}."""
+  model, params, x = request.getfixturevalue(fixture)
+  ks = [0, 1, 2, 0]
+  R, L = len(ks), model.spec.num_layers
+  names = tuple(f"q{i}" for i in range(1, L + 1)) + tuple(f"p{i}" for i in range(1, L))
+  out, inter = _captured(model, params, x, ks, 4, names)
+  for i in range(1, L + 1):
+    z = _rows(inter[f"z{i}"][0], R)
+    q = inter[f"q{i}"]["__call__"][0]
+    q_mu, q_sigma = _rows(q.mu, R), _rows(q.sigma, R)
+    if i < L:
+      p = inter[f"p{i}"]["__call__"][0]
+      p_mu, p_sigma = _rows(p.mu, R), _rows(p.sigma, R)
+    else:
+      p_mu, p_sigma = np.zeros_like(z), np.ones_like(z)
+    want = _log_normal(z, q_mu, q_sigma) - _log_normal(z, p_mu, p_sigma)
+    got = _np(out.kl_elem[i - 1]).reshape(R, B, -1)
+    for r, k in enumerate(ks):
+      if i <= k:
+        np.testing.assert_array_equal(got[r], 0.0)
+      else:
+        np.testing.assert_allclose(got[r], want[r], rtol=2e-4, atol=2e-4, err_msg=f"layer {i}, replica {r}")
+    np.testing.assert_allclose(_np(out.kl[i - 1]), got.sum(-1), rtol=1e-5, atol=1e-4)
+  # The pairing is specific: the top layer's KL against the layer below's prior (or N(0, I) for a lower layer)
+  # would differ, so the check above can fail.
+  z1 = _rows(inter["z1"][0], R)
+  q1 = inter["q1"]["__call__"][0]
+  wrong = _log_normal(z1, _rows(q1.mu, R), _rows(q1.sigma, R)) - _log_normal(z1, 0.0, 1.0)
+  assert np.max(np.abs(wrong[0] - _np(out.kl_elem[0]).reshape(R, B, -1)[0])) > 1e-2
+
+
+@pytest.mark.parametrize("prior_sample", [False, True], ids=["mode", "sample"])
+def test_skipped_layers_take_the_conditional_prior(tiny, prior_sample):
+  """For layers l <= k the decoder's z_l is the mean of p(z_l | z_{l+1}) exactly (reference), or a draw from it
+  (prior_sample: standardised residuals of unit scale); it is never q's mean. Above k, z_l is q's sample."""
+  model, params, x = tiny
+  ks = [0, 1, 2]
+  R = len(ks)
+  _, inter = _captured(model, params, x, ks, 8, ("p1", "p2", "q1", "q2"), prior_sample)
+  for i in (1, 2):
+    p, q = inter[f"p{i}"]["__call__"][0], inter[f"q{i}"]["__call__"][0]
+    p_mu, p_sigma, q_mu = _rows(p.mu, R), _rows(p.sigma, R), _rows(q.mu, R)
+    z = _rows(inter[f"z{i}"][0], R)
+    for r, k in enumerate(ks):
+      if i <= k:
+        assert np.max(np.abs(z[r] - q_mu[r])) > 1e-3, (i, r)  # not the posterior mean
+        if prior_sample:
+          eps = (z[r] - p_mu[r]) / p_sigma[r]
+          # (float32 rounding makes z == mu where sigma * eps is below mu's last bit: rare, not systematic)
+          assert np.mean(eps == 0.0) < 0.01 and 0.6 < np.mean(eps ** 2) < 1.4, (i, r, np.mean(eps ** 2))
+        else:
+          np.testing.assert_array_equal(z[r], p_mu[r])
+      else:
+        assert np.all(z[r] != p_mu[r]) and np.all(z[r] != q_mu[r]), (i, r)

@@ -405,8 +405,8 @@ def test_corrupt_latest_checkpoint_evaluate_refuses(chains, tmp_path):
   for f in R.state_data_files(wd, N):
     R.truncate(f, 0.5)
   out = tmp_path / "eval_out"
-  res = R.run_cli([R.REPO / "evaluate.py", f"--checkpoint={wd}", "--ood=mnist", f"--output_dir={out}",
-                   "--max_examples=32", "--batch_size=32"])
+  res = R.run_cli([R.REPO / "evaluate.py", f"--checkpoint={wd}", "--which=latest", "--ood=mnist",
+                   f"--output_dir={out}", "--max_examples=32", "--batch_size=32"])
   line = R.assert_user_error(res, f"/{N} is corrupted", "truncated")
   assert f"checkpoints/{N - 1}" in line, line  # and it names the earlier checkpoint to use instead
   assert not (out / "results.json").exists()
@@ -436,7 +436,7 @@ def test_garbled_checkpoint_never_loads_silently(chains, tmp_path):
       with pytest.raises(ckpt.CheckpointError, match=f"{f.name} does not match its checksum"):
         R.load_state(wd, N)
       with pytest.raises(ckpt.CheckpointError, match="corrupted"):
-        ckpt.load_for_eval(str(wd))
+        ckpt.load_for_eval(str(wd), which="latest")
     finally:
       f.write_bytes(saved)
   _drop_manifest(wd, N)
@@ -455,7 +455,7 @@ def test_garbled_checkpoint_never_loads_silently(chains, tmp_path):
       with pytest.raises(ckpt.CheckpointError, match="arrays do not match the checksum"):
         R.load_state(wd, N)
       with pytest.raises(ckpt.CheckpointError, match="corrupted"):
-        ckpt.load_for_eval(str(wd))
+        ckpt.load_for_eval(str(wd), which="latest")
       outcomes[f.name] = "state checksum"
     finally:
       f.write_bytes(saved)

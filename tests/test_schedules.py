@@ -14,7 +14,7 @@ from hvaeood import train
 # The paper / reference schedule: warm-up 200 epochs, free nats 2 for 200 epochs then annealed over 200.
 PAPER = dict(warmup_epochs=200.0, free_nats=2.0, free_nats_constant_epochs=200.0,
              free_nats_anneal_epochs=200.0)
-SPE = 469  # FashionMNIST steps per epoch in the reference (batch 128, no drop_last)
+SPE = 468  # FashionMNIST steps per epoch in our pipeline (60,000 // 128: the last partial batch is dropped)
 
 
 def _schedule_config(continuous=False, **overrides):
@@ -62,18 +62,18 @@ def test_free_nats_paper_is_the_reference_linspace():
 
 def test_epoch_of_step_discrete():
   """Discrete epochs are 1-based and step once per epoch, at its start."""
-  for step, epoch in [(0, 1), (1, 1), (468, 1), (469, 2), (937, 2), (938, 3), (199 * SPE, 200),
+  for step, epoch in [(0, 1), (1, 1), (467, 1), (468, 2), (935, 2), (936, 3), (199 * SPE, 200),
                       (200 * SPE - 1, 200), (200 * SPE, 201), (400 * SPE - 1, 400), (400 * SPE, 401)]:
     assert int(train.epoch_of_step(step, SPE, continuous=False)) == epoch, step
   # Also with traced (int32) steps, as inside the jitted train step.
-  steps = jnp.array([0, 468, 469, 938], jnp.int32)
+  steps = jnp.array([0, 467, 468, 936], jnp.int32)
   np.testing.assert_array_equal(jax.jit(lambda s: train.epoch_of_step(s, SPE, False))(steps), [1, 1, 2, 3])
 
 
 def test_epoch_of_step_continuous():
   np.testing.assert_allclose(float(train.epoch_of_step(0, SPE, True)), 0.0)
-  np.testing.assert_allclose(float(train.epoch_of_step(469, SPE, True)), 1.0)
-  np.testing.assert_allclose(float(train.epoch_of_step(234.5, SPE, True)), 0.5)
+  np.testing.assert_allclose(float(train.epoch_of_step(468, SPE, True)), 1.0)
+  np.testing.assert_allclose(float(train.epoch_of_step(234, SPE, True)), 0.5)
 
 
 @pytest.mark.parametrize('jit', [False, True])

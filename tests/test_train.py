@@ -165,9 +165,13 @@ def test_run_writes_checkpoints_config_summary_and_images(tiny_run):
     img = matplotlib.image.imread(p)
     assert img.ndim in (2, 3) and min(img.shape[:2]) >= 28, (p, img.shape)
   assert np.ptp(img) > 0  # not a blank image
-  # The latest checkpoint loads for evaluation and is the state at step 30.
+  # The best checkpoint (chosen by default) loads for evaluation and is the state at step 30. The run kept no
+  # EMA, so its raw parameters are what is evaluated, and said so, even though the EMA was not refused.
   loaded = ckpt.load_for_eval(workdir)
   assert loaded.step == RUN_STEPS and loaded.meta['step'] == RUN_STEPS
+  assert loaded.which == 'best' and loaded.path == os.path.join(workdir, 'best', str(RUN_STEPS))
+  assert loaded.parameters == 'raw'
+  assert ckpt.load_for_eval(workdir, which='latest').path == os.path.join(workdir, 'checkpoints', str(RUN_STEPS))
 
 
 def test_run_loss_falls_and_schedule_is_applied(tiny_run):
@@ -289,3 +293,75 @@ def test_resume_with_another_model_config_is_refused(tiny_run, tmp_path):
   with open(os.path.join(wd, 'config.json')) as f:
     assert f.read() == before, 'config.json of the run was overwritten by the refused config'
   assert not os.path.exists(os.path.join(wd, '.lock'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss through the schedule's phases, and the EMA, against float64
+
+
+def _phase_config(data_dir):
+  """Continuous schedule compressed into 8 steps: beta = t/4 up to step 4; lambda = 2 up to step 2, annealed to 0
+  at step 6; the EMA kept with decay 0.5."""
+  config = H.tiny_config(data_dir, num_steps=8)
+  spe = input_pipeline.steps_per_epoch(config)
+  config.schedule.warmup_epochs = 4 / spe
+  config.schedule.free_nats = 2.0
+  config.schedule.free_nats_constant_epochs = 2 / spe
+  config.schedule.free_nats_anneal_epochs = 4 / spe
+  config.optim.ema_decay = 0.5
+  return config, spe
+
+
+def test_loss_and_ema_through_warmup_free_nats_anneal_and_zero(tfds_data_dir):
+  """8 jitted steps with beta > 0 and free nats active, through the anneal to 0: at every step the loss equals a
+  float64 computation from the step's own model outputs (beta_t = t/4 capped at 1; lambda_t = 2 until t = 2, then
+  2 (1 - (t-2)/4), 0 from t = 6; KL floored per element at lambda/n_l while lambda > 0, the raw KL after), and the
+  EMA follows e <- 0.5 e + 0.5 p after every update."""
+  config, spe = _phase_config(tfds_data_dir)
+  model = train.model_for_config(config)
+  it = input_pipeline.create_train_iterator(config, seed=config.seed)
+  batches = [next(it)['image'] for _ in range(8)]
+  devices = jax.devices()[:1]
+  _, data = H.shardings(devices)
+  state = H.init_state(config, model, batches[0], devices)
+  step = H.jit_step(config, model, spe, devices)
+  forward = jax.jit(lambda p, x, r: model.apply({'params': p}, x, 0, rngs={'sample': r}))
+  phases = set()
+  for t, x in enumerate(batches):
+    before = H.state_to_host(state)
+    out = jax.device_get(forward(before.params, x, jax.random.fold_in(before.rng, t)))
+    state, m = step(state, train.to_global(x, data))
+    after = H.state_to_host(state)
+    beta = min(t / 4, 1.0)
+    lam = 2.0 if t <= 2 else max(2.0 * (1 - (t - 2) / 4), 0.0)
+    kl_elem = [np.asarray(k, np.float64).reshape(k.shape[1], -1) for k in out.kl_elem]  # [B, n_l] per layer
+    raw = sum(k.sum(-1) for k in kl_elem)
+    floored = sum(np.maximum(k, lam / k.shape[-1]).sum(-1) for k in kl_elem) if lam > 0 else raw
+    want = np.mean(-np.asarray(out.log_px[0], np.float64) + beta * floored)
+    assert float(m['beta']) == pytest.approx(beta, abs=1e-6) and float(m['free_nats']) == pytest.approx(lam, abs=1e-5)
+    # (The step's forward and this one are separate XLA programs: they agree to ~1e-6 relative.)
+    assert float(m['loss']) == pytest.approx(want, rel=5e-6), (t, beta, lam)
+    if lam == 0:  # the clipped objective max(KL_elem, 0) would fail the check above: the raw KL is optimised
+      clipped = np.mean(-np.asarray(out.log_px[0], np.float64) + beta * sum(np.maximum(k, 0).sum(-1) for k in kl_elem))
+      assert abs(clipped - want) > 2 * 5e-6 * abs(want), (t, clipped, want)
+    phases.add(('warmup' if beta < 1 else 'beta1', 'free' if lam == 2 else 'anneal' if lam > 0 else 'zero'))
+    assert int(m['skipped_update']) == 0
+    f64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+    ema_want = jax.tree_util.tree_map(lambda e, p: 0.5 * e + 0.5 * p, f64(before.ema_params), f64(after.params))
+    H.tree_allclose(f64(after.ema_params), ema_want, rtol=1e-6, atol=1e-7, what=f'EMA after step {t + 1}')
+  assert {('warmup', 'free'), ('warmup', 'anneal'), ('beta1', 'anneal'), ('beta1', 'zero')} <= phases, phases
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The in-training evaluation's data sets
+
+
+def test_unprepared_ood_set_is_skipped_with_a_warning_that_says_how_to_prepare_it(tfds_data_dir, caplog):
+  config = H.tiny_config(tfds_data_dir, ood_datasets=('mnist', 'kmnist', 'fmnist'))
+  with caplog.at_level('WARNING'):
+    sets = train.eval_datasets(config)
+  assert sets == ['fashion_mnist', 'mnist']  # kmnist is not prepared; fmnist is the in-distribution set
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 1, warnings
+  assert 'kmnist' in warnings[0] and tfds_data_dir in warnings[0]
+  assert 'python -m hvaeood.data_import --name kmnist' in warnings[0]

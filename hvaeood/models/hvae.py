@@ -325,6 +325,7 @@ class HVAE(nn.Module):
         elem = jnp.where(skipped, 0.0, elem)
       kl_elem[i] = elem.reshape((R, B) + elem.shape[1:])
       kl[i] = jnp.sum(elem.reshape(R, B, -1), axis=-1)
+      self.sow("intermediates", f"z{i + 1}", z)  # the z_l the generative pass uses (for tests; free otherwise)
       d, skips = self.decoders[i](self.p_projs[i](z.astype(dt)), skips)
 
     return _likelihood_output(self.likelihood, d, x, R, kl, kl_elem)
