@@ -34,6 +34,7 @@ from hvaeood.models.biva import BIVA, biva_spec_from_config  # noqa: E402
 import helpers_train as H  # noqa: E402
 from test_distributions import np_dlm_log_prob_per_pixel  # noqa: E402
 from test_models import assert_l0_is_the_elbo, assert_prior_sample_changes_only_skipped  # noqa: E402
+from test_models import captured as _captured  # noqa: E402
 
 CIFAR_SHAPE = (32, 32, 3)
 B = 6
@@ -70,17 +71,6 @@ _fwd_jit = jax.jit(_fwd_impl, static_argnums=(0, 5))
 
 def _fwd(model, params, x, n_skip, seed, prior_sample=False):
   return _fwd_jit(model, params, jnp.asarray(x), jnp.asarray(n_skip, jnp.int32), jax.random.key(seed), prior_sample)
-
-
-def _captured(model, params, x, ks, seed, names, prior_sample=False):
-  """Forward pass that also returns the sown latents z_td{i}/z_bu{i} and the outputs of the modules in `names`."""
-  @jax.jit
-  def run(params, key):
-    out, state = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(ks, jnp.int32), prior_sample,
-                             rngs={"sample": key}, capture_intermediates=lambda mdl, _: mdl.name in names,
-                             mutable=["intermediates"])
-    return out, state["intermediates"]
-  return run(params, jax.random.key(seed))
 
 
 # --------------------------------------------------------------------------------------------------------------

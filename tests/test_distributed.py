@@ -239,14 +239,19 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
   H.tree_allclose(H.state_to_host(loaded.params), replica_state.params, rtol=2e-3, atol=1e-3,
                   what='params of the 2-process run vs 1 process')
   # Its evaluation (each process scoring half of every eval batch) == one process evaluating the saved params.
+  _assert_evaluation_is_one_devices(s0, loaded.params, config, num_steps)
+
+
+def _assert_evaluation_is_one_devices(summary, params, config, step):
+  """The run's in-training evaluation at `step` == one device evaluating `params` with the same keys and batches."""
   model = train.model_for_config(config)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), num_steps)  # as train._evaluate_and_log
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # as train._evaluate_and_log
   mesh = H.shardings(jax.devices()[:1])[0].mesh
-  results = train.evaluate_model(model, loaded.params, config, mesh, rng, [config.data.name])
+  results = train.evaluate_model(model, params, config, mesh, rng, [config.data.name])
   assert len(results[config.data.name]['elbo']) == config.eval.max_examples
   single = train.eval_summary(results, config.data.name, 784)
   for k in ('eval_elbo', 'eval_log_px', 'eval_L>1', 'eval_L>2', 'eval_kl_z1'):
-    np.testing.assert_allclose(s0[k], single[k], rtol=1e-4, err_msg=k)
+    np.testing.assert_allclose(summary[k], single[k], rtol=1e-4, err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,14 +287,7 @@ def test_eight_devices_train_through_the_evaluations(tfds_data_dir, tmp_path):
   assert loaded.step == 4
   config = H.tiny_config(tfds_data_dir, num_steps=4)
   config.eval.batch_size = 56
-  model = train.model_for_config(config)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), 4)  # as train._evaluate_and_log
-  mesh = H.shardings(jax.devices()[:1])[0].mesh
-  results = train.evaluate_model(model, loaded.params, config, mesh, rng, [config.data.name])
-  assert len(results[config.data.name]['elbo']) == config.eval.max_examples
-  single = train.eval_summary(results, config.data.name, 784)
-  for k in ('eval_elbo', 'eval_log_px', 'eval_L>1', 'eval_L>2', 'eval_kl_z1'):
-    np.testing.assert_allclose(summary[k], single[k], rtol=1e-4, err_msg=k)
+  _assert_evaluation_is_one_devices(summary, loaded.params, config, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -330,8 +330,9 @@ def test_inference_uses_posterior_means_below_k(tiny):
 # what each KL term pairs, and where skipped layers come from
 
 
-def _captured(model, params, x, ks, seed, names, prior_sample=False):
-  """Forward pass that also returns the sown latents z{i} and the outputs of the modules in `names`."""
+def captured(model, params, x, ks, seed, names, prior_sample=False):
+  """Forward pass that also returns the sown latents (the HVAE's z{i}, BIVA's z_td{i}/z_bu{i}) and the outputs of
+  the modules in `names` (shared with the BIVA tests)."""
   @jax.jit
   def run(params, key):
     out, state = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(ks, jnp.int32), prior_sample,
@@ -361,7 +362,7 @@ def test_each_kl_pairs_posterior_and_conditional_prior_at_the_same_z(fixture, re
   ks = [0, 1, 2, 0]
   R, L = len(ks), model.spec.num_layers
   names = tuple(f"q{i}" for i in range(1, L + 1)) + tuple(f"p{i}" for i in range(1, L))
-  out, inter = _captured(model, params, x, ks, 4, names)
+  out, inter = captured(model, params, x, ks, 4, names)
   for i in range(1, L + 1):
     z = _rows(inter[f"z{i}"][0], R)
     q = inter[f"q{i}"]["__call__"][0]
@@ -394,7 +395,7 @@ def test_skipped_layers_take_the_conditional_prior(tiny, prior_sample):
   model, params, x = tiny
   ks = [0, 1, 2]
   R = len(ks)
-  _, inter = _captured(model, params, x, ks, 8, ("p1", "p2", "q1", "q2"), prior_sample)
+  _, inter = captured(model, params, x, ks, 8, ("p1", "p2", "q1", "q2"), prior_sample)
   for i in (1, 2):
     p, q = inter[f"p{i}"]["__call__"][0], inter[f"q{i}"]["__call__"][0]
     p_mu, p_sigma, q_mu = _rows(p.mu, R), _rows(p.sigma, R), _rows(q.mu, R)
