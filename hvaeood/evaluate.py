@@ -334,6 +334,9 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
   if isinstance(ks, str):
     ks = [s for s in ks.split(",") if s.strip()]
   _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision)
+  if train_reference and split == "train":
+    raise ValueError("--train_reference scores the train split against the evaluated one: use it with --split test "
+                     "(or validation).")
   if not checkpoint:
     raise ValueError("--checkpoint is required: a training workdir or one of its checkpoint step directories.")
   if not output_dir:

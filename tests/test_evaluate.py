@@ -372,12 +372,13 @@ def not_a_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "zero_samples", "k_too_large", "unknown_ood",
-                                  "ood_shape_mismatch", "bad_precision", "bad_which", "unwritable_output"])
+                                  "ood_shape_mismatch", "bad_precision", "bad_which", "train_reference_on_train",
+                                  "unwritable_output"])
 def test_cli_user_errors_exit_2_with_one_line(case, workdir, tmp_path, not_a_dir):
   out = tmp_path / "out"
   args = {"--checkpoint": workdir, "--ood": "mnist", "--output_dir": out, "--max_examples": 20,
           "--batch_size": 10}
-  env, expect = {}, None
+  env, expect, extra = {}, None, []
   if case == "missing_checkpoint":
     args["--checkpoint"] = tmp_path / "no_such_run"
     expect = "does not exist"
@@ -399,10 +400,14 @@ def test_cli_user_errors_exit_2_with_one_line(case, workdir, tmp_path, not_a_dir
   elif case == "bad_which":
     args["--which"] = "newest"
     expect = "--which must be 'best' or 'latest'"
+  elif case == "train_reference_on_train":
+    extra.append("--train_reference")
+    args["--split"] = "train"
+    expect = "--train_reference scores the train split"
   elif case == "unwritable_output":
     args["--output_dir"] = out = not_a_dir / "out"
     expect = "not writable"
-  proc = run_cli(*[str(a) for kv in args.items() for a in kv], **env)
+  proc = run_cli(*[str(a) for kv in args.items() for a in kv], *extra, **env)
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
   lines = user_lines(proc.stderr)
   assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
