@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hvaeood.models.hvae import Output
+from hvaeood.models.blocks import Output
 
 Array = jax.Array
 

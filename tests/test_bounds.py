@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 from configs import fashion_mnist_hvae  # noqa: E402
 from hvaeood import bounds  # noqa: E402
 from hvaeood.models import build_model  # noqa: E402
-from hvaeood.models.hvae import Output  # noqa: E402
+from hvaeood.models.blocks import Output  # noqa: E402
 
 LN2 = math.log(2.0)
 

@@ -1,7 +1,7 @@
 """Model family: the paper's HVAE (bottom-up or ladder inference, `hvae.py`) and BIVA (`biva.py`).
 
-Both return the same `Output` from `__call__(x, n_skip, prior_sample)`, so bounds, training and evaluation
-are shared. `biva.py` is imported on first use.
+Both return the same `Output` (`blocks.py`) from `__call__(x, n_skip, prior_sample)`, so bounds, training and
+evaluation are shared.
 """
 
 from __future__ import annotations
@@ -12,20 +12,21 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from hvaeood.models.hvae import HVAE, HVAESpec, Output, count_params, spec_from_config
+from hvaeood.models.biva import BIVA, biva_spec_from_config
+from hvaeood.models.blocks import Output
+from hvaeood.models.hvae import HVAE, HVAESpec, count_params, spec_from_config
 
-MODELS = {"hvae": HVAE}
+# name -> (module class, spec builder from config.model and the image shape)
+MODELS = {"hvae": (HVAE, spec_from_config), "biva": (BIVA, biva_spec_from_config)}
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]) -> nn.Module:
   """Builds the model named by `model_cfg.name` for images of shape (H, W, C)."""
   name = model_cfg.get("name", "hvae")
-  if name == "biva":
-    from hvaeood.models.biva import BIVA, biva_spec_from_config  # pylint: disable=import-outside-toplevel
-    return BIVA(biva_spec_from_config(model_cfg, image_shape))
   if name not in MODELS:
-    raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS) + ['biva']}.")
-  return MODELS[name](spec_from_config(model_cfg, image_shape))
+    raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
+  module, spec_fn = MODELS[name]
+  return module(spec_fn(model_cfg, image_shape))
 
 
 def init_params(model: nn.Module, rng: jax.Array, init_batch: jax.Array):

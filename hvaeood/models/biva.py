@@ -49,14 +49,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from hvaeood import distributions as D
-# The HVAE's building blocks are reused as they are: the same residual stacks, Gaussian heads and projections.
-from hvaeood.models.hvae import Output, StageShapes, StageSpec
-from hvaeood.models.hvae import _GaussianHead, _likelihood_output, _Projection, _replicas, _row_mask, _Stack, _tile  # pylint: disable=protected-access
+from hvaeood.models.blocks import (GaussianHead, Output, Projection, Stack, StageShapes, StageSpec,
+                                   build_likelihood, likelihood_output, parse_model_fields, replica_rows,
+                                   row_mask, tile)
 
 Array = jax.Array
-
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
 
 @dataclasses.dataclass(frozen=True)
 class BIVASpec(StageShapes):
@@ -83,68 +80,16 @@ class BIVASpec(StageShapes):
     return 2 * len(self.stages) - 1
 
 
-def _field_error(field: str, problem: str, fix: str) -> ValueError:
-  return ValueError(f"config.model.{field}: {problem}. Fix: {fix}.")
-
-
 def biva_spec_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]) -> BIVASpec:
-  """Builds and validates the BIVA description.
-
-  `model_cfg` fields (as the HVAE's; `inference` is ignored, BIVA has its own): kernels [L], channels [L][blocks],
-  strides [L][blocks], latent_types [L] ('conv'|'dense'), latent_dims [L], likelihood ('bernoulli'|'dlm'|
-  'gaussian'), nr_mix, aux_identity_add, compute_dtype ('float32'|'bfloat16').
+  """Builds and validates the BIVA description (`blocks.parse_model_fields`; at least two stages, `inference`
+  is ignored: BIVA has its own).
 
   Raises:
     ValueError: naming the offending field and how to fix it.
   """
-  n = len(model_cfg.kernels)
-  if n < 2:
-    raise _field_error("kernels", f"{n} stage(s) given but BIVA needs at least 2 (intermediate stages with a TD and "
-                       "a BU latent, and the top stage)", "give one entry per stage in kernels, channels, strides, "
-                       "latent_types and latent_dims, at least two stages")
-  for name in ("channels", "strides", "latent_types", "latent_dims"):
-    if len(model_cfg[name]) != n:
-      raise _field_error(name, f"{len(model_cfg[name])} entries but config.model.kernels has {n}",
-                         "give one entry per stage")
-  image_shape = tuple(int(s) for s in image_shape)
-  h, w = image_shape[0], image_shape[1]
-  stages = []
-  for i in range(n):
-    stage = f"stage {i + 1}"
-    chans, strides = tuple(model_cfg.channels[i]), tuple(model_cfg.strides[i])
-    if not chans or len(chans) != len(strides):
-      raise _field_error(f"channels[{i}]", f"{stage} has channels {chans} and strides {strides}",
-                         "give one channel count and one stride per residual block (at least one block)")
-    if int(model_cfg.kernels[i]) < 1 or any(int(c) < 1 for c in chans):
-      raise _field_error(f"kernels[{i}] / channels[{i}]", f"{stage} has kernel {model_cfg.kernels[i]} and channels "
-                         f"{chans}", "use positive kernel sizes and channel counts")
-    for s in strides:
-      if int(s) < 1:
-        raise _field_error(f"strides[{i}]", f"{stage} has stride {s}", "use strides >= 1")
-      if h % int(s) or w % int(s):
-        raise _field_error(f"strides[{i}]", f"{stage} strides a {h}x{w} feature map by {s}, which does not divide "
-                           "it, so the decoder's transposed convs could not restore the size",
-                           "choose strides whose running product divides the image height and width")
-      h, w = h // int(s), w // int(s)
-    if model_cfg.latent_types[i] not in ("conv", "dense"):
-      raise _field_error(f"latent_types[{i}]", f"{model_cfg.latent_types[i]!r} is not 'conv' or 'dense'",
-                         "use 'conv' (a latent feature map) or 'dense' (a latent vector)")
-    if int(model_cfg.latent_dims[i]) < 1:
-      raise _field_error(f"latent_dims[{i}]", f"{stage} has latent dimension {model_cfg.latent_dims[i]}",
-                         "use a positive latent dimension")
-    stages.append(StageSpec(int(model_cfg.kernels[i]), tuple(int(c) for c in chans), tuple(int(s) for s in strides),
-                            str(model_cfg.latent_types[i]), int(model_cfg.latent_dims[i])))
-  if model_cfg.likelihood not in D.LIKELIHOODS:
-    raise _field_error("likelihood", f"unknown likelihood {model_cfg.likelihood!r}",
-                       f"choose one of {sorted(D.LIKELIHOODS)}")
-  if model_cfg.likelihood == "dlm" and image_shape[-1] != 3:
-    raise _field_error("likelihood", f"'dlm' needs RGB images but the data has shape {image_shape}",
-                       "use an RGB dataset, or 'bernoulli' for binarised grayscale data")
-  dtype = str(model_cfg.get("compute_dtype", "float32"))
-  if dtype not in COMPUTE_DTYPES:
-    raise _field_error("compute_dtype", f"{dtype!r} is not supported", f"choose one of {COMPUTE_DTYPES}")
-  return BIVASpec(image_shape, tuple(stages), str(model_cfg.likelihood), int(model_cfg.get("nr_mix", 10)),
-                  bool(model_cfg.get("aux_identity_add", False)), dtype)
+  f = parse_model_fields(model_cfg, image_shape, min_stages=2,
+                         why_min=" (intermediate stages with a TD and a BU latent, and the top stage)")
+  return BIVASpec(f.image_shape, f.stages, f.likelihood, f.nr_mix, f.aux_identity_add, f.compute_dtype)
 
 
 def _fit(aux: Optional[Sequence[Array]], n: int) -> list[Optional[Array]]:
@@ -169,34 +114,33 @@ class BIVA(nn.Module):
     enc_shapes = sp.encoder_output_shapes()
 
     def encoders(prefix: str, aux_add: bool):
-      return [_Stack(st.channels, st.kernel, st.strides, residual_first=(i > 0), upsample=False,
+      return [Stack(st.channels, st.kernel, st.strides, residual_first=(i > 0), upsample=False,
                      aux_identity_add=aux_add, dtype=dt, name=f"{prefix}{i + 1}") for i, st in enumerate(sp.stages)]
 
     def heads(prefix: str, stages):
-      return [_GaussianHead(st.latent, st.latent_dim, dt, name=f"{prefix}{i + 1}") for i, st in enumerate(stages)]
+      return [GaussianHead(st.latent, st.latent_dim, dt, name=f"{prefix}{i + 1}") for i, st in enumerate(stages)]
 
     inner = sp.stages[:-1]
     top = sp.stages[-1]
     self.bu_encoders = encoders("bu_enc", False)  # no aux
     self.td_encoders = encoders("td_enc", True)   # aux = h^BU_l, always added
     self.q_bu = heads("q_bu", inner)
-    self.bu_projs = [_Projection(enc_shapes[i], st.latent, dt, name=f"bu_proj{i + 1}") for i, st in enumerate(inner)]
-    self.top_merge = _Stack((top.channels[-1],), top.kernel, (1,), residual_first=True, upsample=False,
+    self.bu_projs = [Projection(enc_shapes[i], st.latent, dt, name=f"bu_proj{i + 1}") for i, st in enumerate(inner)]
+    self.top_merge = Stack((top.channels[-1],), top.kernel, (1,), residual_first=True, upsample=False,
                             aux_identity_add=True, dtype=dt, name="top_merge")
-    self.q_top = _GaussianHead(top.latent, top.latent_dim, dt, name=f"q{L}")
-    self.merges = [_Stack((st.channels[-1],), st.kernel, (1,), residual_first=True, upsample=False,
+    self.q_top = GaussianHead(top.latent, top.latent_dim, dt, name=f"q{L}")
+    self.merges = [Stack((st.channels[-1],), st.kernel, (1,), residual_first=True, upsample=False,
                           aux_identity_add=True, dtype=dt, name=f"merge{i + 1}") for i, st in enumerate(inner)]
     self.q_td = heads("q_td", inner)
     self.p_td = heads("p_td", inner)
     self.p_bu = heads("p_bu", inner)
-    self.z_projs = [_Projection(enc_shapes[i], st.latent, dt, name=f"z_proj{i + 1}")
+    self.z_projs = [Projection(enc_shapes[i], st.latent, dt, name=f"z_proj{i + 1}")
                     for i, st in enumerate(sp.stages)]
     self.decoders = [
-        _Stack(tuple(reversed(st.channels)), st.kernel, tuple(reversed(st.strides)), residual_first=False,
+        Stack(tuple(reversed(st.channels)), st.kernel, tuple(reversed(st.strides)), residual_first=False,
                upsample=True, aux_identity_add=sp.aux_identity_add, dtype=dt, name=f"dec{i + 1}")
         for i, st in enumerate(sp.stages)]
-    self.likelihood = D.LIKELIHOODS[sp.likelihood](sp.image_shape[-1], dtype=dt, name="likelihood",
-                                                   **({"nr_mix": sp.nr_mix} if sp.likelihood == "dlm" else {}))
+    self.likelihood = build_likelihood(sp)
 
   def _decode(self, i: int, z: Array, skips) -> tuple[Array, list[Array]]:
     dt = jnp.dtype(self.spec.compute_dtype)
@@ -215,33 +159,41 @@ class BIVA(nn.Module):
     Returns:
       An `Output` with leading axes [R, B]; `kl` per stage, `kl_elem` per latent variable (2L-1 entries).
     """
+    R, B, skip = replica_rows(self.spec, x, n_skip)
+    q_bu, z_bu, hs_td, q_top = self._inference(x, R, skip)
+    d, kl, kl_elem = self._generation(R, B, skip, prior_sample, q_bu, z_bu, hs_td, q_top)
+    return likelihood_output(self.likelihood, d, x, R, kl, kl_elem)
+
+  def _inference(self, x: Array, R: int, skip: Array):
+    """Both inference paths: q(z^BU_l) and its draws (posterior means for stages <= k), the TD features h^TD_l,
+    and q(z_L) from the top merge. Stage 1 depends on x only: computed once, shared by the replicas."""
     sp = self.spec
     L = sp.num_layers
-    R, B, skip = _replicas(sp, x, n_skip)
     dt = jnp.dtype(sp.compute_dtype)
     blocks = [len(st.strides) for st in sp.stages]
-
-    # ---- inference. Stage 1 depends on x only: computed once, shared by the replicas.
     xd = x.astype(dt)
     h_bu, _ = self.bu_encoders[0](xd)
     h_td, _ = self.td_encoders[0](xd, [h_bu] * blocks[0])
     q1 = self.q_bu[0](h_bu)
-    q_bu = [D.Gaussian(_tile(q1.mu, R), _tile(q1.sigma, R))]
-    hs_td = [_tile(h_td, R)]
+    q_bu = [D.Gaussian(tile(q1.mu, R), tile(q1.sigma, R))]
+    hs_td = [tile(h_td, R)]
     z_bu = []
     for i in range(L - 1):
       q = q_bu[i]
       zs = q.sample(self.make_rng("sample"))
-      z_bu.append(jnp.where(_row_mask(skip > i, zs), q.mu, zs))  # stages <= k: posterior mean
+      z_bu.append(jnp.where(row_mask(skip > i, zs), q.mu, zs))  # stages <= k: posterior mean
       h_bu, _ = self.bu_encoders[i + 1](self.bu_projs[i](z_bu[i].astype(dt)))
       h_td, _ = self.td_encoders[i + 1](hs_td[i], [h_bu] * blocks[i + 1])
       hs_td.append(h_td)
       if i + 1 < L - 1:
         q_bu.append(self.q_bu[i + 1](h_bu))
     merged, _ = self.top_merge(jnp.concatenate([h_bu, h_td], axis=-1))
-    q_top = self.q_top(merged)
+    return q_bu, z_bu, hs_td, self.q_top(merged)
 
-    # ---- generation (top-down)
+  def _generation(self, R: int, B: int, skip: Array, prior_sample: bool, q_bu, z_bu, hs_td, q_top):
+    """Top-down: z_L ~ q(z_L), then per stage both latents from q (with their KL terms) or, for stages <= k, from
+    the conditional priors; returns the bottom decoder state and the KL terms."""
+    L = self.spec.num_layers
     kl, kl_elem = [None] * L, [None] * (2 * L - 1)
 
     def per_example(elem):
@@ -261,7 +213,7 @@ class BIVA(nn.Module):
       k_td, k_bu = self.make_rng("sample"), self.make_rng("sample")
       z_td_prior = p_td.sample(k_td) if prior_sample else p_td.mu
       z_bu_prior = p_bu.sample(k_bu) if prior_sample else p_bu.mu
-      skipped = _row_mask(skip > i, z_td_post)
+      skipped = row_mask(skip > i, z_td_post)
       z_td = jnp.where(skipped, z_td_prior, z_td_post)
       z_bu_i = jnp.where(skipped, z_bu_prior, z_bu[i])
       e_td = jnp.where(skipped, 0.0, q_td.log_prob(z_td) - p_td.log_prob(z_td))
@@ -271,8 +223,7 @@ class BIVA(nn.Module):
       self.sow("intermediates", f"z_td{i + 1}", z_td)
       self.sow("intermediates", f"z_bu{i + 1}", z_bu_i)
       d, skips = self._decode(i, jnp.concatenate([z_td, z_bu_i], axis=-1), skips)
-
-    return _likelihood_output(self.likelihood, d, x, R, kl, kl_elem)
+    return d, kl, kl_elem
 
   def generate(self, num: int, temperature: float = 1.0) -> tuple[Array, Array]:
     """Ancestral samples from the prior: returns (mean images, sampled images), each [num, H, W, C]."""
