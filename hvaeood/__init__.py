@@ -1,9 +1,8 @@
 """hvaeood: hierarchical VAEs for likelihood-based out-of-distribution detection, in JAX/Flax.
 
-Importing the package (and its model and bound modules) does not import TensorFlow; only
-`hvaeood.input_pipeline` and `hvaeood.data_import` do.
-
-Importing it also sets one XLA:CPU default (see `_xla_cpu_defaults`), before JAX starts its backends.
+Importing the package (or any of its modules) changes no process-wide state: no environment variable, XLA flag,
+logging filter or interpreter hook. TensorFlow is imported only by `hvaeood.input_pipeline` and
+`hvaeood.data_import`. Launchers (train.py, evaluate.py, the benchmarks) call `set_xla_cpu_defaults()` first.
 """
 
 import os as _os
@@ -11,6 +10,9 @@ import os as _os
 __version__ = "0.1.0"
 
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+# jaxlib releases in which the flag was checked to exist (XLA aborts on an unknown XLA_FLAGS entry).
+_CHECKED_JAXLIB = ((0, 10),)
 
 
 def _jaxlib_version() -> tuple[int, int]:
@@ -22,26 +24,26 @@ def _jaxlib_version() -> tuple[int, int]:
     return (0, 0)
 
 
-# jaxlib releases in which the flag was checked to exist (XLA aborts on an unknown XLA_FLAGS entry).
-_CHECKED_JAXLIB = ((0, 10),)
-
-
-def _xla_cpu_defaults() -> None:
+def set_xla_cpu_defaults(environ=None) -> bool:
   """Runs XLA:CPU's convolutions and dots through its multi-threaded Eigen kernels instead of YNNPACK.
 
-  On a 2-core CPU the YNNPACK convolutions of jaxlib 0.10 run on one thread; the Eigen ones use every core:
-  training +19% and evaluation +66% images/s for the FashionMNIST model (benchmarks/README.md, change 6).
-  Only the CPU backend reads the flag. It is added to `XLA_FLAGS` unless that already sets it, or the
-  environment sets `HVAEOOD_XLA_CPU_DEFAULTS=0`; it only takes effect if JAX's CPU backend has not started yet
-  (import hvaeood before running JAX computations). It is only added for the jaxlib releases in
-  `_CHECKED_JAXLIB`, since XLA aborts on a flag it does not know.
+  On a 2-core CPU the YNNPACK convolutions of jaxlib 0.10 run on one thread and the Eigen ones on every core
+  (benchmarks/README.md, change 6). Only the CPU backend reads the flag. It is added to `XLA_FLAGS` unless that
+  already sets it or the environment sets `HVAEOOD_XLA_CPU_DEFAULTS=0`, and only for the jaxlib releases in
+  `_CHECKED_JAXLIB` (XLA aborts on a flag it does not know). Call it before JAX starts its CPU backend (before
+  the first computation); the launchers do, as their first statement.
+
+  Args:
+    environ: the environment to change (default `os.environ`; e.g. a subprocess's environment dict).
+
+  Returns:
+    Whether the flag was added.
   """
-  if _os.environ.get("HVAEOOD_XLA_CPU_DEFAULTS", "1") == "0":
-    return
-  flags = _os.environ.get("XLA_FLAGS", "")
+  environ = _os.environ if environ is None else environ
+  if environ.get("HVAEOOD_XLA_CPU_DEFAULTS", "1") == "0":
+    return False
+  flags = environ.get("XLA_FLAGS", "")
   if _YNN_FLAG in flags or _jaxlib_version() not in _CHECKED_JAXLIB:
-    return
-  _os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
-
-
-_xla_cpu_defaults()
+    return False
+  environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
+  return True

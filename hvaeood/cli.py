@@ -16,6 +16,9 @@ import re
 import sys
 from typing import Callable, Optional, Sequence
 
+from hvaeood.checkpoints import OrbaxFailedReadNoise
+from hvaeood.errors import CheckpointError, TrainingError
+
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, KeyError)
 # Other OSErrors caused by the user's paths or disk rather than by a bug.
 USER_OS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
@@ -23,8 +26,6 @@ USER_OS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EN
 
 
 def user_error_types():
-  from hvaeood.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
-  from hvaeood.train import TrainingError  # pylint: disable=import-outside-toplevel
   return USER_ERRORS + (CheckpointError, TrainingError)
 
 
@@ -50,7 +51,9 @@ def _is_abandoned_orbax_read(exc_type, exc, tb) -> bool:
 
 
 def _quiet_abandoned_reads() -> None:
-  """Filters those errors out of sys.excepthook and sys.unraisablehook (other errors print as before)."""
+  """Filters those errors out of sys.excepthook and sys.unraisablehook, and asyncio's "never retrieved" tracebacks
+  of the same abandoned reads, for the rest of the process (other errors print as before). Only the launchers call
+  this, through `run_guarded`: such tracebacks can surface until the interpreter exits, after the tool returned."""
   if getattr(sys.unraisablehook, "_hvaeood_quiet", False):
     return
   previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
@@ -65,6 +68,7 @@ def _quiet_abandoned_reads() -> None:
 
   excepthook._hvaeood_quiet = unraisablehook._hvaeood_quiet = True  # pylint: disable=protected-access
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  logging.getLogger("asyncio").addFilter(OrbaxFailedReadNoise())
 
 
 def run_guarded(fn: Callable[[], object]) -> object:
@@ -204,31 +208,3 @@ def check_config_loaded(config, spec: Optional[str]) -> None:
     return
   _load_config(spec or "")  # raises the one-line reason
   raise ValueError(f"Config {spec} does not load (get_config() returned {type(config).__name__}).")
-
-
-def ensure_writable_dir(path: str, flag: str, purpose: str) -> str:
-  """Creates directory `path` if needed and proves it writable; a ValueError naming `--flag` otherwise.
-
-  Args:
-    path: the directory.
-    flag: the command-line flag that gave it (for the message).
-    purpose: what goes there, e.g. "checkpoints, logs and images".
-
-  Returns:
-    The absolute path.
-  """
-  import os  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
-  if not path:
-    raise ValueError(f"--{flag} is empty: pass the directory for {purpose}.")
-  path = os.path.abspath(path)
-  try:
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    kind = "Workdir" if flag == "workdir" else "Output directory"
-    raise ValueError(f"{kind} {path} is not writable ({e.strerror or type(e).__name__}). Pass a writable "
-                     f"--{flag}.") from None
-  return path

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hvaeood.layers import WNConv
+from hvaeood.layers import ConvPolicy, WNConv
 
 Array = jax.Array
 
@@ -164,6 +164,11 @@ class Likelihood(nn.Module):
 
   channels: int
   dtype: Any = jnp.float32
+  conv: ConvPolicy = ConvPolicy()
+
+  def head_conv(self, features: int, kernel: int) -> WNConv:
+    return WNConv(features, kernel, dtype=self.dtype, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes,
+                  name="conv")
 
 
 class BernoulliLikelihood(Likelihood):
@@ -171,7 +176,7 @@ class BernoulliLikelihood(Likelihood):
 
   @nn.compact
   def __call__(self, d: Array) -> Array:
-    return WNConv(self.channels, 3, dtype=self.dtype, name="conv")(nn.relu(d)).astype(jnp.float32)
+    return self.head_conv(self.channels, 3)(nn.relu(d)).astype(jnp.float32)
 
   def log_prob(self, x: Array, params: Array) -> Array:
     return bernoulli_log_prob(x, params)
@@ -190,8 +195,7 @@ class DiscretizedLogisticMixLikelihood(Likelihood):
 
   @nn.compact
   def __call__(self, d: Array) -> Array:
-    return WNConv(dlm_num_params(self.nr_mix, self.channels), 1, dtype=self.dtype,
-                  name="conv")(d).astype(jnp.float32)
+    return self.head_conv(dlm_num_params(self.nr_mix, self.channels), 1)(d).astype(jnp.float32)
 
   def log_prob(self, x: Array, params: Array) -> Array:
     return dlm_log_prob(x, params, self.nr_mix)
@@ -208,7 +212,7 @@ class GaussianLikelihood(Likelihood):
 
   @nn.compact
   def __call__(self, d: Array) -> Array:
-    return WNConv(2 * self.channels, 3, dtype=self.dtype, name="conv")(nn.relu(d)).astype(jnp.float32)
+    return self.head_conv(2 * self.channels, 3)(nn.relu(d)).astype(jnp.float32)
 
   def _dist(self, params: Array) -> Gaussian:
     mu, raw = jnp.split(params, 2, axis=-1)

@@ -20,9 +20,9 @@ up to 8.6% in the decoder's transposed convs and the initial ELBO by about 4 nat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -107,10 +107,37 @@ class _WeightNormBase(nn.Module):
 # gather), so the stored parameters are the same for both paths, and results agree to float32 rounding
 # (tests/test_layers_fast.py). Measurements: benchmarks/README.md, benchmarks/microbench_convs.py.
 
-FAST_CONV = os.environ.get("HVAEOOD_FAST_CONV", "1") != "0"
-"""Default for `WNConv.fast` (None): use the stride-1 fast paths. Set False (or the environment variable
-HVAEOOD_FAST_CONV=0 before import) to run the plain lax.conv_general_dilated / lax.conv_transpose path
-everywhere (the reference of the equivalence tests and of benchmarks/README.md's "before" figures)."""
+@dataclasses.dataclass(frozen=True)
+class ConvPolicy:
+  """How `WNConv` runs its convolutions (hashable, so models carry it in their spec).
+
+  Attributes:
+    fast: the stride-1 rewrites and batch chunking above (True), plain lax convolutions (False), or None: fast on
+      the CPU backend, where they were measured faster, plain on GPU and TPU, where XLA's own convolutions are
+      used until the rewrites are measured there (`resolve_fast`).
+    chunk_bytes: the fast path splits a conv's batch into static chunks whose input and output stay under about
+      this many bytes (at most `CONV_MAX_CHUNKS` chunks), so the gradient convs run in cache; 0 turns chunking
+      off, None is `DEFAULT_CONV_CHUNK_BYTES`.
+  """
+  fast: Optional[bool] = None
+  chunk_bytes: Optional[int] = None
+
+  @classmethod
+  def from_name(cls, impl: str, chunk_bytes: Optional[int] = None) -> "ConvPolicy":
+    """'auto' | 'fast' | 'plain' (config.model.conv_impl) -> a policy."""
+    if impl not in CONV_IMPLS:
+      raise ValueError(f"config.model.conv_impl={impl!r} is not one of {CONV_IMPLS}.")
+    return cls({"auto": None, "fast": True, "plain": False}[impl], chunk_bytes)
+
+
+CONV_IMPLS = ("auto", "fast", "plain")
+DEFAULT_CONV_CHUNK_BYTES = 8 << 20
+CONV_MAX_CHUNKS = 8
+
+
+def resolve_fast(fast: Optional[bool]) -> bool:
+  """`fast`, or for None whether the default backend is the CPU (the only backend the fast paths were measured on)."""
+  return jax.default_backend() == "cpu" if fast is None else bool(fast)
 
 
 def conv_plain(x: Array, w: Array, stride: int, pads) -> Array:
@@ -249,20 +276,13 @@ def _conv_strided_fastgrad_bwd(stride, pads, res, ct):
 conv_strided_fastgrad.defvjp(_conv_strided_fastgrad_fwd, _conv_strided_fastgrad_bwd)
 
 
-CONV_CHUNK_BYTES = int(os.environ.get("HVAEOOD_CONV_CHUNK_BYTES", 8 << 20))
-"""The fast path splits a conv's batch into static chunks whose input and output stay under about this many
-bytes (at most `CONV_MAX_CHUNKS` chunks): the gradient convs (and the transposes XLA:CPU puts around the weight
-gradient) then run in cache, 13-33% less CPU time at batch 128 and 28x28x64 (benchmarks/README.md). 0 turns
-chunking off (also the environment variable `HVAEOOD_CONV_CHUNK_BYTES`)."""
-CONV_MAX_CHUNKS = 8
-
-
-def _num_chunks(x: Array, out_shape) -> int:
-  if CONV_CHUNK_BYTES <= 0 or x.ndim != 4:
+def _num_chunks(x: Array, out_shape, chunk_bytes: Optional[int]) -> int:
+  chunk_bytes = DEFAULT_CONV_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+  if chunk_bytes <= 0 or x.ndim != 4:
     return 1
   n = x.shape[0]
   per_example = max(math.prod(x.shape[1:]), math.prod(out_shape[1:])) * x.dtype.itemsize
-  return max(1, min(n, CONV_MAX_CHUNKS, -(-n * per_example // CONV_CHUNK_BYTES)))
+  return max(1, min(n, CONV_MAX_CHUNKS, -(-n * per_example // chunk_bytes)))
 
 
 def _batch_chunked(fn: Callable[[Array], Array], x: Array, chunks: int) -> Array:
@@ -274,12 +294,13 @@ def _batch_chunked(fn: Callable[[Array], Array], x: Array, chunks: int) -> Array
   return jnp.concatenate([fn(x[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])], axis=0)
 
 
-def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None) -> Array:
+def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None,
+           chunk_bytes: Optional[int] = None) -> Array:
   """WNConv's convolution: TF-'SAME' conv (out = ceil(in/s)) or transposed conv (out = s*in, the reference's
-  crop). Unless `fast` (default `FAST_CONV`) is False, a transposed conv runs as a sub-pixel stride-1 conv,
-  a strided conv's input gradient likewise, and large batches in cache-sized chunks (see
-  benchmarks/README.md for the measurements). Both paths take and give the same arrays."""
-  fast = FAST_CONV if fast is None else fast
+  crop). On the fast path (`fast`, or on CPU when None: `resolve_fast`) a transposed conv runs as a sub-pixel
+  stride-1 conv, a strided conv's input gradient likewise, and large batches in chunks of about `chunk_bytes`
+  (see `ConvPolicy`). Both paths take and give the same arrays."""
+  fast = resolve_fast(fast)
   k = w.shape[0]
   if transpose:
     pads = (transpose_pads(k, stride),) * 2
@@ -296,7 +317,7 @@ def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: O
     else:
       conv = lambda xc: conv_plain(xc, w, 1, pads)
     out_hw = tuple(-(-d // stride) for d in x.shape[1:3])
-  return _batch_chunked(conv, x, _num_chunks(x, (x.shape[0],) + out_hw + (w.shape[-1],)))
+  return _batch_chunked(conv, x, _num_chunks(x, (x.shape[0],) + out_hw + (w.shape[-1],), chunk_bytes))
 
 
 class WNConv(_WeightNormBase):
@@ -308,8 +329,9 @@ class WNConv(_WeightNormBase):
     stride: spatial stride (upsampling factor when `transpose`).
     transpose: run a transposed conv whose output is exactly `stride * input` spatially.
     dtype: compute dtype (parameters stay float32).
-    fast: use the stride-1 rewrites of strided/transposed convs (None: the module default `FAST_CONV`); the
+    fast: use the stride-1 rewrites of strided/transposed convs (None: on CPU only, `resolve_fast`); the
       parameters are the same either way.
+    chunk_bytes: the fast path's batch-chunk budget (None: `DEFAULT_CONV_CHUNK_BYTES`).
   """
 
   features: int
@@ -318,9 +340,11 @@ class WNConv(_WeightNormBase):
   transpose: bool = False
   dtype: Any = jnp.float32
   fast: Optional[bool] = None
+  chunk_bytes: Optional[int] = None
 
   def _conv(self, x: Array, w: Array) -> Array:
-    return conv2d(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.transpose, self.fast)
+    return conv2d(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.transpose, self.fast,
+                  self.chunk_bytes)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -363,6 +387,9 @@ def match_channels(x: Array, channels: int) -> Array:
   return x[..., :channels]
 
 
+_WNConv = WNConv
+
+
 class ResBlock(nn.Module):
   """The reference's residual block (SPEC 1.2), ungated, weight-normalised.
 
@@ -377,8 +404,9 @@ class ResBlock(nn.Module):
     stride: stride of conv2 (upsampling factor in a decoder).
     residual: pre-activate the input and add the (resampled, channel-matched) input to the output.
     upsample: conv2 is a transposed conv (decoder block with stride > 1).
-    aux_identity_add: add ReLU(aux) when its shape equals conv1's output (HEAD drops it).
+    aux_identity_add: add ReLU(aux) when its shape equals conv1's output (the reference drops it).
     dtype: compute dtype.
+    conv: how the convolutions run (`ConvPolicy`).
   """
 
   features: int
@@ -388,10 +416,12 @@ class ResBlock(nn.Module):
   upsample: bool = False
   aux_identity_add: bool = False
   dtype: Any = jnp.float32
+  conv: ConvPolicy = ConvPolicy()
 
   @nn.compact
   def __call__(self, x: Array, aux: Optional[Array] = None) -> Array:
     k, c = self.kernel_size, self.features
+    WNConv = functools.partial(_WNConv, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes)  # pylint: disable=invalid-name
     u = nn.relu(x) if self.residual else x
     y = WNConv(c, k, 1, dtype=self.dtype, name="conv1")(u)
     if aux is not None:

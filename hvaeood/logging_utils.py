@@ -1,58 +1,66 @@
-"""Metric writing: TensorBoard event files (when TensorFlow is importable) and a JSON-lines log, process 0 only."""
+"""The run's metric writers (CLU) and quiet library logs.
+
+`create_writer(workdir)` gives CLU's default writer (a log line per write and TensorBoard event files in
+WORKDIR/tensorboard) on process 0, plus WORKDIR/metrics.jsonl (one JSON object per write: the step and the
+scalars), which scripts and tests read without TensorFlow; every other process only logs.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
-import numpy as np
+import jax
+from clu import metric_writers
 
 
-class MetricWriter:
-  """Writes scalars and images to WORKDIR/tensorboard and scalars to WORKDIR/metrics.jsonl."""
+class JsonlWriter(metric_writers.MetricWriter):
+  """A CLU writer of scalars to a JSON-lines file (flushed after every write); other kinds are not written."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    self._tb = None
-    self._jsonl = None
-    if not enabled:
-      return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    try:
-      from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
-      self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("TensorBoard logging is off (%s); metrics go to metrics.jsonl only.", e)
+  def __init__(self, path: str):
+    self._f = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
 
-  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.scalar(k, float(v), int(step))
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._f.flush()
 
-  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-    if not self.enabled or self._tb is None:
-      return
-    for k, v in images.items():
-      v = np.asarray(v)
-      n = v.shape[0]
-      cols = int(np.ceil(np.sqrt(n)))
-      rows = -(-n // cols)
-      pad = np.zeros((rows * cols - n,) + v.shape[1:], v.dtype)
-      grid = np.concatenate([v, pad]).reshape(rows, cols, *v.shape[1:])
-      grid = grid.transpose(0, 2, 1, 3, 4).reshape(rows * v.shape[1], cols * v.shape[2], v.shape[3])
-      self._tb.image(k, np.clip(grid, 0, 1), int(step))
+  def write_summaries(self, step, values, metadata=None) -> None:
+    del step, values, metadata
+
+  def write_images(self, step, images) -> None:
+    del step, images
+
+  def write_videos(self, step, videos) -> None:
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate) -> None:
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts) -> None:
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None) -> None:
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams) -> None:
+    del hparams
 
   def flush(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.flush()
-    if self._tb is not None:
-      self._tb.flush()
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """CLU's default writer (+ metrics.jsonl) on process 0, logging only elsewhere (synchronous: the loop's
+  scalars are already on the host when written)."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
+  default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False)
+  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 
 class _LibraryNoiseFilter(logging.Filter):

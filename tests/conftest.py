@@ -1,9 +1,13 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures. The test session is a launcher: it sets the XLA:CPU default the launchers set."""
 
 import os
 import pathlib
 
 import pytest
+
+import hvaeood
+
+hvaeood.set_xla_cpu_defaults()  # before any test starts JAX's CPU backend
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 # Offline IDX sources (see ../shared/data/README.md); overridable by env vars.

@@ -144,6 +144,8 @@ def subprocess_env(**extra: str) -> dict:
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   env.pop('XLA_FLAGS', None)
   env.update(extra)
+  import hvaeood  # pylint: disable=import-outside-toplevel
+  hvaeood.set_xla_cpu_defaults(env)  # the subprocess is a launcher too
   return env
 
 

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hvaeood import distributions as D
+from hvaeood.layers import ConvPolicy
 from hvaeood.models.blocks import (GaussianHead, Output, Projection, Stack, StageShapes, StageSpec,
                                    build_likelihood, likelihood_output, parse_model_fields, replica_rows,
                                    row_mask, tile)
@@ -68,6 +69,7 @@ class BIVASpec(StageShapes):
   nr_mix: int = 10
   aux_identity_add: bool = False
   compute_dtype: str = "float32"
+  conv: ConvPolicy = ConvPolicy()
 
   @property
   def num_layers(self) -> int:
@@ -89,7 +91,7 @@ def biva_spec_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Seq
   """
   f = parse_model_fields(model_cfg, image_shape, min_stages=2,
                          why_min=" (intermediate stages with a TD and a BU latent, and the top stage)")
-  return BIVASpec(f.image_shape, f.stages, f.likelihood, f.nr_mix, f.aux_identity_add, f.compute_dtype)
+  return BIVASpec(f.image_shape, f.stages, f.likelihood, f.nr_mix, f.aux_identity_add, f.compute_dtype, f.conv)
 
 
 def _fit(aux: Optional[Sequence[Array]], n: int) -> list[Optional[Array]]:
@@ -115,10 +117,12 @@ class BIVA(nn.Module):
 
     def encoders(prefix: str, aux_add: bool):
       return [Stack(st.channels, st.kernel, st.strides, residual_first=(i > 0), upsample=False,
-                     aux_identity_add=aux_add, dtype=dt, name=f"{prefix}{i + 1}") for i, st in enumerate(sp.stages)]
+                    aux_identity_add=aux_add, dtype=dt, conv=sp.conv, name=f"{prefix}{i + 1}")
+              for i, st in enumerate(sp.stages)]
 
     def heads(prefix: str, stages):
-      return [GaussianHead(st.latent, st.latent_dim, dt, name=f"{prefix}{i + 1}") for i, st in enumerate(stages)]
+      return [GaussianHead(st.latent, st.latent_dim, dt, conv=sp.conv, name=f"{prefix}{i + 1}")
+              for i, st in enumerate(stages)]
 
     inner = sp.stages[:-1]
     top = sp.stages[-1]
@@ -127,10 +131,11 @@ class BIVA(nn.Module):
     self.q_bu = heads("q_bu", inner)
     self.bu_projs = [Projection(enc_shapes[i], st.latent, dt, name=f"bu_proj{i + 1}") for i, st in enumerate(inner)]
     self.top_merge = Stack((top.channels[-1],), top.kernel, (1,), residual_first=True, upsample=False,
-                            aux_identity_add=True, dtype=dt, name="top_merge")
-    self.q_top = GaussianHead(top.latent, top.latent_dim, dt, name=f"q{L}")
+                            aux_identity_add=True, dtype=dt, conv=sp.conv, name="top_merge")
+    self.q_top = GaussianHead(top.latent, top.latent_dim, dt, conv=sp.conv, name=f"q{L}")
     self.merges = [Stack((st.channels[-1],), st.kernel, (1,), residual_first=True, upsample=False,
-                          aux_identity_add=True, dtype=dt, name=f"merge{i + 1}") for i, st in enumerate(inner)]
+                         aux_identity_add=True, dtype=dt, conv=sp.conv, name=f"merge{i + 1}")
+                   for i, st in enumerate(inner)]
     self.q_td = heads("q_td", inner)
     self.p_td = heads("p_td", inner)
     self.p_bu = heads("p_bu", inner)
@@ -138,7 +143,7 @@ class BIVA(nn.Module):
                     for i, st in enumerate(sp.stages)]
     self.decoders = [
         Stack(tuple(reversed(st.channels)), st.kernel, tuple(reversed(st.strides)), residual_first=False,
-               upsample=True, aux_identity_add=sp.aux_identity_add, dtype=dt, name=f"dec{i + 1}")
+               upsample=True, aux_identity_add=sp.aux_identity_add, dtype=dt, conv=sp.conv, name=f"dec{i + 1}")
         for i, st in enumerate(sp.stages)]
     self.likelihood = build_likelihood(sp)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hvaeood import distributions as D
-from hvaeood.layers import ResBlock, WNConv, WNDense
+from hvaeood.layers import ConvPolicy, ResBlock, WNConv, WNDense
 
 Array = jax.Array
 
@@ -83,6 +83,7 @@ class Stack(nn.Module):
   upsample: bool
   aux_identity_add: bool
   dtype: Any
+  conv: ConvPolicy = ConvPolicy()
 
   @nn.compact
   def __call__(self, x: Array, aux: Optional[Sequence[Optional[Array]]] = None):
@@ -90,7 +91,8 @@ class Stack(nn.Module):
     for j, (c, s) in enumerate(zip(self.features, self.strides)):
       a = aux[j] if aux is not None else None
       x = ResBlock(c, self.kernel, s, residual=(j > 0 or self.residual_first), upsample=self.upsample,
-                   aux_identity_add=self.aux_identity_add, dtype=self.dtype, name=f"block{j}")(x, a)
+                   aux_identity_add=self.aux_identity_add, dtype=self.dtype, conv=self.conv,
+                   name=f"block{j}")(x, a)
       outs.append(x)
     return x, outs
 
@@ -101,12 +103,14 @@ class GaussianHead(nn.Module):
   latent: str
   dim: int
   dtype: Any
+  conv: ConvPolicy = ConvPolicy()
 
   @nn.compact
   def __call__(self, h: Array) -> D.Gaussian:
     h = nn.relu(h)
     if self.latent == "conv":
-      out = WNConv(2 * self.dim, 3, dtype=self.dtype, name="conv")(h)
+      out = WNConv(2 * self.dim, 3, dtype=self.dtype, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes,
+                   name="conv")(h)
     else:
       out = WNDense(2 * self.dim, dtype=self.dtype, name="dense")(h.reshape(h.shape[0], -1))
     out = out.astype(jnp.float32)
@@ -174,6 +178,7 @@ class ModelFields:
   nr_mix: int
   aux_identity_add: bool
   compute_dtype: str
+  conv: ConvPolicy
 
 
 def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int], *, min_stages: int = 1,
@@ -182,7 +187,7 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
 
   Fields: kernels [L], channels [L][blocks], strides [L][blocks], latent_types [L] ('conv'|'dense'),
   latent_dims [L], likelihood ('bernoulli'|'dlm'|'gaussian'), nr_mix, aux_identity_add, compute_dtype
-  ('float32'|'bfloat16').
+  ('float32'|'bfloat16'), conv_impl ('auto'|'fast'|'plain', `layers.ConvPolicy`), conv_chunk_bytes.
 
   Raises:
     ValueError: naming the offending field and how to fix it.
@@ -233,11 +238,18 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
   dtype = str(model_cfg.get("compute_dtype", "float32"))
   if dtype not in COMPUTE_DTYPES:
     raise field_error("compute_dtype", f"{dtype!r} is not supported", f"choose one of {COMPUTE_DTYPES}")
+  impl = str(model_cfg.get("conv_impl", "auto"))
+  if impl not in ("auto", "fast", "plain"):
+    raise field_error("conv_impl", f"{impl!r} is not a convolution implementation",
+                      "choose 'auto' (the CPU rewrites on CPU only), 'fast' or 'plain'")
+  chunk = model_cfg.get("conv_chunk_bytes", None)
+  conv = ConvPolicy.from_name(impl, None if chunk is None else int(chunk))
   return ModelFields(image_shape, tuple(stages), str(model_cfg.likelihood), int(model_cfg.get("nr_mix", 10)),
-                     bool(model_cfg.get("aux_identity_add", False)), dtype)
+                     bool(model_cfg.get("aux_identity_add", False)), dtype, conv)
 
 
 def build_likelihood(spec) -> nn.Module:
   """The likelihood head of a model spec (named 'likelihood' in the parameter tree)."""
-  return D.LIKELIHOODS[spec.likelihood](spec.image_shape[-1], dtype=jnp.dtype(spec.compute_dtype), name="likelihood",
+  return D.LIKELIHOODS[spec.likelihood](spec.image_shape[-1], dtype=jnp.dtype(spec.compute_dtype), conv=spec.conv,
+                                        name="likelihood",
                                         **({"nr_mix": spec.nr_mix} if spec.likelihood == "dlm" else {}))

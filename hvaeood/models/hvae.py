@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hvaeood import distributions as D
+from hvaeood.layers import ConvPolicy
 from hvaeood.models.blocks import (GaussianHead, Output, Projection, Stack, StageShapes, StageSpec,
                                    build_likelihood, field_error, likelihood_output, parse_model_fields,
                                    replica_rows, row_mask, tile)
@@ -47,6 +48,7 @@ class HVAESpec(StageShapes):
   inference: str = "bottom_up"
   aux_identity_add: bool = False
   compute_dtype: str = "float32"
+  conv: ConvPolicy = ConvPolicy()
 
   @property
   def num_layers(self) -> int:
@@ -61,7 +63,7 @@ def spec_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Sequence
   if inference not in INFERENCES:
     raise field_error("inference", f"unknown inference {inference!r}", f"choose one of {INFERENCES}")
   return HVAESpec(f.image_shape, f.stages, f.likelihood, f.nr_mix, inference, f.aux_identity_add,
-                  f.compute_dtype)
+                  f.compute_dtype, f.conv)
 
 
 class HVAE(nn.Module):
@@ -76,26 +78,26 @@ class HVAE(nn.Module):
     ladder = sp.inference == "ladder"
     self.encoders = [
         Stack(st.channels, st.kernel, st.strides, residual_first=(i > 0), upsample=False,
-              aux_identity_add=sp.aux_identity_add, dtype=dt, name=f"enc{i + 1}")
+              aux_identity_add=sp.aux_identity_add, dtype=dt, conv=sp.conv, name=f"enc{i + 1}")
         for i, st in enumerate(sp.stages)]
-    self.q_heads = [GaussianHead(st.latent, st.latent_dim, dt, name=f"q{i + 1}")
+    self.q_heads = [GaussianHead(st.latent, st.latent_dim, dt, conv=sp.conv, name=f"q{i + 1}")
                     for i, st in enumerate(sp.stages)]
     # Bottom-up inference feeds Proj^q(z_l) to Enc_{l+1}; the top stage's q-projection would be unused.
     self.q_projs = [] if ladder else [Projection(enc_shapes[i], st.latent, dt, name=f"q_proj{i + 1}")
                                       for i, st in enumerate(sp.stages[:-1])]
     self.p_projs = [Projection(enc_shapes[i], st.latent, dt, name=f"p_proj{i + 1}")
                     for i, st in enumerate(sp.stages)]
-    self.p_heads = [GaussianHead(st.latent, st.latent_dim, dt, name=f"p{i + 1}")
+    self.p_heads = [GaussianHead(st.latent, st.latent_dim, dt, conv=sp.conv, name=f"p{i + 1}")
                     for i, st in enumerate(sp.stages[:-1])]
     self.decoders = [
         Stack(tuple(reversed(st.channels)), st.kernel, tuple(reversed(st.strides)), residual_first=False,
-              upsample=True, aux_identity_add=sp.aux_identity_add, dtype=dt, name=f"dec{i + 1}")
+              upsample=True, aux_identity_add=sp.aux_identity_add, dtype=dt, conv=sp.conv, name=f"dec{i + 1}")
         for i, st in enumerate(sp.stages)]
     # Ladder: q(z_l) for l < L from a stride-1 residual merge of (h_l, aux = d_{l+1}). A merge that dropped an
     # identically shaped aux would ignore the top-down path, so merges always add it.
     self.merges = [
         Stack((st.channels[-1],), st.kernel, (1,), residual_first=True, upsample=False, aux_identity_add=True,
-              dtype=dt, name=f"merge{i + 1}")
+              dtype=dt, conv=sp.conv, name=f"merge{i + 1}")
         for i, st in enumerate(sp.stages[:-1])] if ladder else []
     self.likelihood = build_likelihood(sp)
 
