@@ -4,7 +4,8 @@
 
 PATH is a training workdir (its best checkpoint, i.e. the best in-distribution test ELBO seen during training, as
 the reference evaluates; the latest where no best was saved, or with --which=latest) or one checkpoint step
-directory. The checkpoint path and step used are printed first. The model config and the in-distribution dataset come from the checkpoint. Outputs in OUT:
+directory. The checkpoint path and step used are printed first. The model config and the in-distribution dataset
+come from the checkpoint. Outputs in OUT:
 results.json (written last), results.md, scores.npz, roc.png, hist.png; see hvaeood/evaluate.py.
 User errors print one `error: ...` line and exit with status 2.
 """
@@ -67,6 +68,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  import hvaeood  # pylint: disable=g-import-not-at-top
+  hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
   from hvaeood import cli as _cli  # pylint: disable=g-import-not-at-top
   from hvaeood.logging_utils import quiet_library_logs  # pylint: disable=g-import-not-at-top
   quiet_library_logs()

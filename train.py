@@ -18,8 +18,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _check_workdir(workdir: str) -> None:
   """Creates the workdir if needed and proves it writable; a ValueError naming the fix otherwise."""
-  from hvaeood import cli  # pylint: disable=import-outside-toplevel
-  cli.ensure_writable_dir(workdir, "workdir", "checkpoints, logs and images, e.g. --workdir runs/fmnist")
+  from hvaeood import io_utils  # pylint: disable=import-outside-toplevel
+  io_utils.ensure_writable_dir(workdir, "workdir", "checkpoints, logs and images, e.g. --workdir runs/fmnist")
 
 
 def main(argv):
@@ -37,6 +37,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  import hvaeood  # pylint: disable=g-import-not-at-top
+  hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
   from hvaeood import cli as _cli  # pylint: disable=g-import-not-at-top
   from hvaeood.logging_utils import quiet_library_logs  # pylint: disable=g-import-not-at-top
   quiet_library_logs()

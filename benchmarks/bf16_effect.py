@@ -19,10 +19,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import hvaeood  # noqa: E402
+
+hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hvaeood import bounds, checkpoints, input_pipeline  # noqa: E402
+from hvaeood import bounds, input_pipeline, loading  # noqa: E402
 from hvaeood.datasets_info import get_dataset_info  # noqa: E402
 from hvaeood.models import build_model  # noqa: E402
 
@@ -36,7 +40,7 @@ def main(argv=None) -> None:
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
 
-  ckpt = checkpoints.load_for_eval(args.checkpoint)
+  ckpt = loading.load_for_eval(args.checkpoint)
   cfg = ckpt.config
   info = get_dataset_info(cfg.data.name)
   ks = tuple(range(len(cfg.model.latent_dims)))

@@ -1,19 +1,23 @@
 """Microbenchmark of WNConv's convolutions on this machine: plain lax path against the fast (stride-1) paths.
 
   python benchmarks/microbench_convs.py [--batch 128] [--channels 64] [--repeats 5] [--ops conv5s2,convT5s2]
-      [--dtype float32|bfloat16] [--paths plain,fast]
+      [--dtype float32|bfloat16] [--paths plain,fast] [--chunk_bytes 0]
   python benchmarks/microbench_convs.py --train_step configs/fashion_mnist_hvae.py [--batch 128] [--repeats 3]
+      [--conv_impl plain] [--chunk_bytes 0]
 
 For every op (the FashionMNIST HVAE's conv shapes) and path it prints the median time of the forward pass and
 of the gradient (both dx and dw of <y, ct>, one jitted call) in ms of wall time, and GFLOP/s counted as the
 op's *useful* multiply-adds (2 * N * H_in * W_in * k^2 * C * F for a transposed conv, 2 * N * H_out * W_out *
 k^2 * C * F otherwise; the gradient counts twice that), so GFLOP/s compare paths directly. The last two
 columns are the process CPU time (all threads) of the same calls, the steadier figure when other jobs share the
-cores. XLA_FLAGS in the environment apply (set them before running, e.g. XLA_FLAGS=--xla_cpu_use_onednn=true).
+cores. The fast path splits large batches into chunks of about `--chunk_bytes` (0: no chunking; default
+`layers.DEFAULT_CONV_CHUNK_BYTES`). XLA_FLAGS in the environment apply (set them before running, e.g.
+XLA_FLAGS=--xla_cpu_use_onednn=true), plus `hvaeood.set_xla_cpu_defaults()` unless HVAEOOD_XLA_CPU_DEFAULTS=0.
 
-`--train_step CONFIG` instead times the whole jitted training step of CONFIG on a synthetic batch (the
-conv path as set by HVAEOOD_FAST_CONV) and prints one JSON line with the median wall and process-CPU seconds
-per step, images per second and images per CPU-second; on a shared machine the CPU figure tracks the work.
+`--train_step CONFIG` instead times the whole jitted training step of CONFIG on a synthetic batch (the conv
+path of `--conv_impl` and `--chunk_bytes`, i.e. config.model.conv_impl and conv_chunk_bytes; default: the
+config's) and prints one JSON line with the median wall and process-CPU seconds per step, images per second and
+images per CPU-second; on a shared machine the CPU figure tracks the work.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hvaeood  # noqa: E402
+
+hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -49,14 +57,15 @@ OPS = {
 }
 
 
-def _s2d(x, w, s, transpose):
+def _s2d(x, w, s, transpose, chunk_bytes=None):  # pylint: disable=unused-argument
   pads = (layers.same_pads(x.shape[1], w.shape[0], s), layers.same_pads(x.shape[2], w.shape[0], s))
   return layers.conv_strided_s2d(x, w, s, pads)
 
 
 PATHS = {
-    "plain": lambda x, w, s, transpose: layers.conv2d(x, w, s, transpose, fast=False),
-    "fast": lambda x, w, s, transpose: layers.conv2d(x, w, s, transpose, fast=True),
+    "plain": lambda x, w, s, transpose, chunk_bytes=None: layers.conv2d(x, w, s, transpose, fast=False),
+    "fast": lambda x, w, s, transpose, chunk_bytes=None: layers.conv2d(x, w, s, transpose, fast=True,
+                                                                       chunk_bytes=chunk_bytes),
     # rejected alternative for strided convs: space-to-depth + one stride-1 conv (values and gradients)
     "s2d": _s2d,
 }
@@ -79,15 +88,16 @@ def bench(fn, args, repeats):
   return statistics.median(times), statistics.median(cpu)
 
 
-def train_step_bench(config_path: str, batch: int, repeats: int) -> dict:
-  from hvaeood import train  # pylint: disable=import-outside-toplevel
+def train_step_bench(config_path: str, batch: int, repeats: int, conv_impl=None, chunk_bytes=None) -> dict:
+  from hvaeood import state as state_lib  # pylint: disable=import-outside-toplevel
   config = throughput.load_config(config_path)
   config.train.batch_size = batch
-  model = train.model_for_config(config)
+  throughput.set_conv(config, conv_impl, chunk_bytes)
+  model = state_lib.model_for_config(config)
   x = throughput.synthetic_batch(np.random.default_rng(0), batch, model.spec.image_shape,
-                      config.model.likelihood == "bernoulli")
-  state = jax.jit(lambda b: train.create_train_state(config, model, b))(x)
-  step = jax.jit(train.make_train_step(config, model, steps_per_epoch=1000), donate_argnums=(0,))
+                                 config.model.likelihood == "bernoulli")
+  state = jax.jit(lambda b: state_lib.create_train_state(config, model, b))(x)
+  step = jax.jit(state_lib.make_train_step(config, model, steps_per_epoch=1000), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step.lower(state, x).compile()
   compile_s = time.perf_counter() - t0
@@ -101,8 +111,8 @@ def train_step_bench(config_path: str, batch: int, repeats: int) -> dict:
     walls.append(time.perf_counter() - t0)
     cpus.append(time.process_time() - c0)
   wall, cpu = statistics.median(walls), statistics.median(cpus)
-  return {"config": config_path, "batch_size": batch, "fast_conv": layers.FAST_CONV,
-          "conv_chunk_bytes": layers.CONV_CHUNK_BYTES, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  return {"config": config_path, "batch_size": batch, **throughput.conv_settings(config, model),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "compile_s": round(compile_s, 1), "step_wall_s": round(wall, 3), "step_cpu_s": round(cpu, 3),
           "img_per_s": round(batch / wall, 2), "img_per_cpu_s": round(batch / cpu, 2),
           "walls": [round(v, 2) for v in walls], "cpus": [round(v, 2) for v in cpus],
@@ -120,17 +130,19 @@ def main(argv=None):
   ap.add_argument("--no_grad", action="store_true")
   ap.add_argument("--json", action="store_true", help="also print one JSON line per measurement")
   ap.add_argument("--train_step", default=None, help="config file: time its whole training step instead")
-  ap.add_argument("--chunk_bytes", type=int, default=None, help="override layers.CONV_CHUNK_BYTES (0: off)")
+  throughput.add_conv_args(ap)  # --conv_impl (with --train_step), --chunk_bytes
   args = ap.parse_args(argv)
-  if args.chunk_bytes is not None:
-    layers.CONV_CHUNK_BYTES = args.chunk_bytes
   if args.train_step:
-    print(json.dumps(train_step_bench(args.train_step, args.batch, args.repeats)))
+    print(json.dumps(train_step_bench(args.train_step, args.batch, args.repeats, args.conv_impl, args.chunk_bytes)))
     return
+  if args.conv_impl is not None:
+    ap.error("--conv_impl applies to --train_step; the per-op benchmark runs every path of --paths.")
   dtype = jnp.dtype(args.dtype)
   n, c = args.batch, args.channels
   rng = np.random.default_rng(0)
-  print(f"batch {n}, {c}->{c} channels, {dtype.name}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  chunk = layers.DEFAULT_CONV_CHUNK_BYTES if args.chunk_bytes is None else args.chunk_bytes
+  print(f"batch {n}, {c}->{c} channels, {dtype.name}, fast-path chunk bytes {chunk}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"{'op':10s} {'path':6s} {'fwd ms':>9s} {'GFLOP/s':>8s} {'grad ms':>9s} {'GFLOP/s':>8s}"
         f" {'fwd cpu':>9s} {'grad cpu':>9s}")
   for name in args.ops.split(","):
@@ -143,7 +155,7 @@ def main(argv=None):
     for path in args.paths.split(","):
       if path == "s2d" and (transpose or s == 1):
         continue
-      conv = functools.partial(PATHS[path], s=s, transpose=transpose)
+      conv = functools.partial(PATHS[path], s=s, transpose=transpose, chunk_bytes=args.chunk_bytes)
       fwd = jax.jit(conv)
       grad = jax.jit(jax.grad(lambda x, w, ct: jnp.vdot(conv(x, w).astype(jnp.float32), ct.astype(jnp.float32)),
                               argnums=(0, 1)))

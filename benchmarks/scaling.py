@@ -20,11 +20,15 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import hvaeood  # noqa: E402
 
 
 def run_point(config: str, batch_size: int, devices: int, steps: int, repeats: int, fake: bool,
               skip_eval: bool) -> dict:
   env = dict(os.environ)
+  hvaeood.set_xla_cpu_defaults(env)  # the XLA:CPU default for throughput.py too (unless env opts out)
   if fake:
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
@@ -126,4 +130,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend (main asks it for the backend)
   main()

@@ -1,12 +1,14 @@
 """Training and evaluation throughput on synthetic batches; prints one JSON line.
 
   python benchmarks/throughput.py --config configs/fashion_mnist_hvae.py [--batch_size 128] [--steps 10]
-      [--iw_samples 1] [--eval_batch_size 500] [--compute_dtype float32]
+      [--iw_samples 1] [--eval_batch_size 500] [--compute_dtype float32] [--conv_impl plain] [--chunk_bytes 0]
 
 Imports no TensorFlow (runs on accelerator images without it). Figures: `train_img_per_s` (median of
 `--repeats` timed windows of `--steps` steps after warm-up, blocking on the result), `eval_img_per_s` (the
 ELBO and every L^{>k} of a batch, S samples, one jitted call), `compile_s` (training step), `peak_rss_mb`,
-`flops_per_train_image` (XLA cost analysis of the compiled step), `achieved_gflops`, device kind and count.
+`flops_per_train_image` (XLA cost analysis of the compiled step), `achieved_gflops`, device kind and count, and
+the convolution path (`conv_impl`: config.model.conv_impl or `--conv_impl`; `fast_conv`: whether it resolves to
+the stride-1 rewrites on this backend; `conv_chunk_bytes`: their batch-chunk budget, 0 = no chunking).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import hvaeood  # noqa: E402
+
+hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
+
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
@@ -35,6 +40,35 @@ def load_config(spec: str):
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
   return mod.get_config(variant) if variant else mod.get_config()
+
+
+def set_conv(config, conv_impl=None, chunk_bytes=None) -> None:
+  """Sets config.model.conv_impl / conv_chunk_bytes where given (None keeps the config's value)."""
+  with config.unlocked():
+    if conv_impl is not None:
+      config.model.conv_impl = conv_impl
+    if chunk_bytes is not None:
+      config.model.conv_chunk_bytes = chunk_bytes
+
+
+def conv_settings(config, model) -> dict:
+  """The convolution path `model` runs on this backend (its `layers.ConvPolicy`, resolved)."""
+  from hvaeood import layers  # pylint: disable=import-outside-toplevel
+  policy = model.spec.conv
+  chunk = layers.DEFAULT_CONV_CHUNK_BYTES if policy.chunk_bytes is None else policy.chunk_bytes
+  return {"conv_impl": config.model.get("conv_impl", "auto"), "fast_conv": layers.resolve_fast(policy.fast),
+          "conv_chunk_bytes": chunk}
+
+
+def add_conv_args(ap: argparse.ArgumentParser) -> None:
+  """--conv_impl and --chunk_bytes (config.model.conv_impl / conv_chunk_bytes)."""
+  from hvaeood import layers  # pylint: disable=import-outside-toplevel
+  ap.add_argument("--conv_impl", choices=layers.CONV_IMPLS, default=None,
+                  help="set config.model.conv_impl: auto (the stride-1 rewrites on CPU only), fast or plain "
+                       "(plain lax convolutions; default: the config's)")
+  ap.add_argument("--chunk_bytes", type=int, default=None,
+                  help="set config.model.conv_chunk_bytes, the fast path's batch-chunk budget (0: no chunking; "
+                       f"default: the config's, None = {layers.DEFAULT_CONV_CHUNK_BYTES})")
 
 
 def synthetic_batch(rng: np.random.Generator, n: int, shape, binary: bool) -> np.ndarray:
@@ -79,33 +113,35 @@ def main(argv=None) -> dict:
   ap.add_argument("--skip_eval", action="store_true")
   ap.add_argument("--eval_compile_only", action="store_true",
                   help="compile the evaluation and report XLA's memory analysis without running it")
+  add_conv_args(ap)
   args = ap.parse_args(argv)
 
-  from hvaeood import bounds, train  # pylint: disable=import-outside-toplevel
+  from hvaeood import bounds, devices  # pylint: disable=import-outside-toplevel
+  from hvaeood import state as state_lib  # pylint: disable=import-outside-toplevel
   config = load_config(args.config)
   if args.batch_size:
     config.train.batch_size = args.batch_size
   if args.compute_dtype:
     config.model.compute_dtype = args.compute_dtype
-  model = train.model_for_config(config)
+  set_conv(config, args.conv_impl, args.chunk_bytes)
+  model = state_lib.model_for_config(config)
   shape = model.spec.image_shape
   binary = config.model.likelihood == "bernoulli"
   rng = np.random.default_rng(0)
-  mesh = train.make_mesh(args.num_devices)
+  mesh = devices.make_mesh(args.num_devices)
   n_dev = mesh.devices.size
-  bs = train.check_batch(config.train.batch_size, mesh)  # padded to a multiple of the devices
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  bs = state_lib.check_batch(config.train.batch_size, mesh)  # padded to a multiple of the devices
+  sharded = NamedSharding(mesh, P("data"))
   result = {"config": args.config, "batch_size": bs, "device_kind": jax.devices()[0].device_kind,
             "device_count": n_dev, "backend": jax.default_backend(), "compute_dtype": config.model.compute_dtype,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            **conv_settings(config, model), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
-  x = jax.device_put(synthetic_batch(rng, bs, shape, binary), sharded)
-  state = jax.jit(lambda b: train.create_train_state(config, model, b), out_shardings=replicated)(x)
+  x_host = synthetic_batch(rng, bs, shape, binary)
+  x = devices.to_global(x_host, sharded)
+  state = state_lib.init_state(config, model, x_host, mesh)
 
   if not args.skip_train:
-    step_fn = jax.jit(train.make_train_step(config, model, steps_per_epoch=1000),
-                      in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                      donate_argnums=(0,))
+    step_fn = state_lib.jit_train_step(config, model, steps_per_epoch=1000, mesh=mesh)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, x).compile()
     result["compile_s"] = time.perf_counter() - t0
@@ -126,7 +162,7 @@ def main(argv=None) -> dict:
     state = holder["state"]
 
   if not args.skip_eval:
-    eb = train.padded_batch_size(args.eval_batch_size or min(500, bs), mesh)
+    eb = devices.padded_batch_size(args.eval_batch_size or min(500, bs), mesh)
     xe = jax.device_put(synthetic_batch(rng, eb, shape, binary), sharded)
     ks = tuple(range(model.spec.num_layers))
     kwargs = dict(iw_samples=args.iw_samples, ks=ks)

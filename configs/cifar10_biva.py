@@ -1,4 +1,4 @@
-"""BIVA (the paper's stronger model; SPEC 1.7, PAPER.md "BIVA") on dequantised CIFAR10.
+"""BIVA (the paper's stronger model) on dequantised CIFAR10.
 
 The paper's 10-stage configuration (appendix "Model details" and hyperparameter table):
 * latents z_1..z_10: conv 8, 16, 32 at 16x16, then dense 42, 40, 38, 36, 34, 32, 30; each intermediate stage
@@ -12,8 +12,8 @@ The paper's 10-stage configuration (appendix "Model details" and hyperparameter 
 
 Spatial latent channels: the appendix text gives (16x16)x8, (16x16)x16, (16x16)x32, its hyperparameter table
 "10-8-6". We use the text's 8, 16, 32: it states every latent's full shape z_1..z_10 in order, while the table is a
-one-line summary (and the same 8-16-32 are the conv latents of the authors' CIFAR HVAE config of that time,
-SPEC 1.6 "Config history"). `--config.model.latent_dims='(10,8,6,42,40,38,36,34,32,30)'` gives the table's.
+one-line summary (and the same 8-16-32 are the conv latents of the authors' CIFAR HVAE config of that time).
+`--config.model.latent_dims='(10,8,6,42,40,38,36,34,32,30)'` gives the table's.
 
 The width (256 channels) and blocks per stage (3) are not stated for BIVA; we take the HVAE's, per the appendix's
 "very similar to the HVAE". The model then has 169,075,360 parameters (v, g, b of every layer); see

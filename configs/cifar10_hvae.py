@@ -1,4 +1,4 @@
-"""The paper's HVAE on dequantised CIFAR10 (SPEC 1.6, 3).
+"""The paper's HVAE on dequantised CIFAR10.
 
 Variants (``--config configs/cifar10_hvae.py:VARIANT``):
 * ``paper`` (default): 3 stages (conv 128 @ 16x16, conv 64 @ 8x8, dense 32), 256 channels, discretised

@@ -1,8 +1,8 @@
 """Shared defaults for every config, and the `cpu` / `tiny` variants.
 
 Sections: `data`, `model`, `train`, `optim`, `schedule`, `eval`, `checkpoint`. Schedules are given in epochs
-(SPEC 3: beta and the free-nats floor step once per epoch at its start); `schedule.continuous=True` makes them
-piecewise-linear in fractional epochs instead, which short runs need.
+(docs/design.md §4: beta and the free-nats floor step once per epoch at its start); `schedule.continuous=True`
+makes them piecewise-linear in fractional epochs instead, which short runs need.
 
 Precision of float32 matmuls and convolutions (`jax.default_matmul_precision`: "default", "high", "highest"):
 
@@ -47,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.inference = "bottom_up"  # or "ladder" (top-down inference)
   config.model.aux_identity_add = False  # True: add identically shaped skips instead of dropping them (HEAD)
   config.model.compute_dtype = "float32"  # "bfloat16": bf16 convs, float32 likelihoods and KL
+  # How convolutions run (no effect on parameters or results beyond float rounding): "auto" = the stride-1
+  # rewrites and batch chunking on the CPU backend, where they were measured faster, plain lax convolutions on
+  # GPU/TPU; "fast" / "plain" force one. conv_chunk_bytes: the rewrites' batch-chunk budget (None: the default).
+  config.model.conv_impl = "auto"
+  config.model.conv_chunk_bytes = None
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128

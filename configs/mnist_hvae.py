@@ -1,6 +1,5 @@
-"""The paper's HVAE on dynamically binarised MNIST (SPEC 1.6, 3, 4), evaluated against FashionMNIST: the model
-and schedule of configs/fashion_mnist_hvae.py with the datasets swapped (SPEC 4: "for MNIST models, swap the
-names").
+"""The paper's HVAE on dynamically binarised MNIST, evaluated against FashionMNIST: the model and schedule of
+configs/fashion_mnist_hvae.py with the datasets swapped, as the published code does for MNIST models.
 
 Variants (``--config configs/mnist_hvae.py:VARIANT``):
 * ``paper`` (default): 3 stages (conv 8 @ 14x14, dense 16, dense 8), 64 channels, Bernoulli likelihood,

@@ -1,6 +1,5 @@
-"""The paper's HVAE on dequantised SVHN (TFDS 'svhn_cropped'; SPEC 1.6, 3, 4), evaluated against CIFAR10: the
-model and schedule of configs/cifar10_hvae.py with the datasets swapped (SPEC 4: "for SVHN models, swap the
-names").
+"""The paper's HVAE on dequantised SVHN (TFDS 'svhn_cropped'), evaluated against CIFAR10: the model and
+schedule of configs/cifar10_hvae.py with the datasets swapped, as the published code does for SVHN models.
 
 Variants (``--config configs/svhn_hvae.py:VARIANT``):
 * ``paper`` (default): 3 stages (conv 128 @ 16x16, conv 64 @ 8x8, dense 32), 256 channels, discretised logistic

@@ -1,6 +1,6 @@
 """ELBO, the per-layer bounds L^{>k}, importance weighting, LLR^{>k}, free nats and bits/dim.
 
-Definitions (SPEC 2; nats per example, summed over pixels and channels):
+Definitions (docs/design.md §3; nats per example, summed over pixels and channels):
 * KL_l: single-sample Monte-Carlo estimate log q(z_l|.) - log p(z_l|z_{>l}) at the same reparameterised z_l.
 * ELBO: log p(x|z) - sum_l KL_l.
 * L^{>k}: z_1..z_k are the conditional prior's mean (the reference, default) or a sample of it (the paper,

@@ -188,7 +188,8 @@ def flag_error_message(argv: Sequence[str], error: BaseException, config_flag: s
     return f"--{m.group(1)} is required. Run with --helpshort to see the flags."
   if m:
     reason = detail if detail and detail != first else m.group(3)
-    return f"invalid value {m.group(2)!r} for --{m.group(1)}: {reason.rstrip('.')}. Run with --helpshort to see the flags."
+    return (f"invalid value {m.group(2)!r} for --{m.group(1)}: {reason.rstrip('.')}. "
+            "Run with --helpshort to see the flags.")
   text = (detail or first).rstrip()
   return f"{text}{'' if text.endswith('.') else '.'} Run with --helpshort to see the flags."
 

@@ -30,7 +30,7 @@ class DatasetInfo:
     shape: (H, W, C) of the images the pipeline outputs.
     grayscale: whether the images are single-intensity (C == 1, or grey
       replicated to 3 channels).
-    preprocessing: default preprocessing kind (SPEC 4 / README configs).
+    preprocessing: default preprocessing kind (docs/design.md §5 / README configs).
     source_transform: applied to the decoded uint8 image before caching:
       None, 'omniglot28' or 'omniglot28_inverted'.
     colour_transform: applied to intensities in [0, 1]: None or 'luminance'.
@@ -52,7 +52,7 @@ class DatasetInfo:
     return self.shape
 
 
-# 'validation' follows the reference (SPEC 4): the official test set, except
+# 'validation' follows the reference (docs/design.md §5): the official test set, except
 # for SVHN where it is the 'extra' split.
 _TRAIN_TEST = {'train': 'train', 'test': 'test', 'validation': 'test'}
 

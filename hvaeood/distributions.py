@@ -1,7 +1,7 @@
 """Log-densities, samplers and likelihood heads.
 
 All log-probabilities are in nats and returned per element (Gaussian) or per example summed over pixels and
-channels (likelihoods). Numerics follow the reference (SPEC 1.4, 1.5, 7.3): softplus with beta = ln 2 and a
+channels (likelihoods). Numerics follow the reference (docs/design.md §2): softplus with beta = ln 2 and a
 1e-6 floor for standard deviations, log-scales of the logistic mixture clamped at -7, `where` branches
 computed on safe inputs so that no NaN reaches the gradients.
 """
@@ -189,7 +189,7 @@ class BernoulliLikelihood(Likelihood):
 
 
 class DiscretizedLogisticMixLikelihood(Likelihood):
-  """A weight-normalised 1x1 conv (no activation before it: SPEC 1.5) to (3*3+1)*nr_mix channels."""
+  """A weight-normalised 1x1 conv (no activation before it: docs/design.md §2) to (3*3+1)*nr_mix channels."""
 
   nr_mix: int = 10
 

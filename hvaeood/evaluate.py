@@ -11,9 +11,9 @@ second, independently re-drawn pass of it (the sanity row) and each OOD set, and
 * `results.md`   the paper-style table (AUROC / AUPRC / FPR80 per OOD set, one row per score) and the settings.
 * `results.json` written last, so a directory without it holds no finished run.
 
-Metrics (the paper's protocol): OOD is the positive class; every score is oriented so that higher means more OOD: `LLR>k` as
-is, `ELBO` and `L>k` negated. Both sides are subsampled to equal size with a seeded generator. The sanity row,
-`"<in> (sanity)"`, compares the in-distribution scores with a second pass over the same examples with fresh
+Metrics (the paper's protocol): OOD is the positive class; every score is oriented so that higher means more
+OOD: `LLR>k` as is, `ELBO` and `L>k` negated. Both sides are subsampled to equal size with a seeded generator.
+The sanity row, `"<in> (sanity)"`, compares the in-distribution scores with a second pass over the same examples with fresh
 binarisation/dequantisation noise and fresh latent samples; its AUROC should be close to 0.5. With
 `train_reference`, the in-distribution *train* split, `"<in> (train split)"`, is scored against it too (the
 reference's sanity row), capped at the evaluated split's size.

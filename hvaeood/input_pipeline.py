@@ -1,4 +1,4 @@
-"""tf.data input pipelines for training and evaluation (SPEC section 4).
+"""tf.data input pipelines for training and evaluation (docs/design.md §5).
 
 Everything a model sees goes through `preprocess_image`, the one place where
 pixel values k in {0..255} become model inputs in [0, 1]:
@@ -10,7 +10,7 @@ pixel values k in {0..255} become model inputs in [0, 1]:
 * ``bin_centre`` x = k / 255, the centre of the discretised logistic
   mixture's bin k (its 2x - 1 = 2k/255 - 1, edge bins beyond +-0.999), so the
   probabilities of the 256 levels sum to 1 (deterministic; the `bin_centre`
-  option of SPEC 7.4, against the reference's off-bin dequantised data).
+  option (docs/design.md §5), against the reference's off-bin dequantised data).
 * ``quantize``   x = k / 255 (deterministic; the reference's Quantized sets).
   The same values as ``bin_centre``: the two names say why they are used.
 
@@ -115,7 +115,7 @@ def eval_noise_key(seed: Any, dataset: str, split: str) -> tf.Tensor:
 
 
 def _luminance(x: tf.Tensor) -> tf.Tensor:
-  """Reference grey conversion (SPEC 4): sRGB luminance, then gamma expansion.
+  """Reference grey conversion (docs/design.md §5): sRGB luminance, then gamma expansion.
 
   The reference applies the Rec. 709 weights to the (gamma-encoded) values
   and then the sRGB gamma expansion to the result; we do the same for parity.

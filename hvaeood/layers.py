@@ -12,10 +12,10 @@ variance keep `g = 1` instead of the reference's 1e4.
 
 A transposed conv takes these statistics over its *uncropped* output ((in-1)s + k per axis, e.g. 15x15 and
 31x31 for FashionMNIST's 7->14 and 14->28 upsamplings), before the crop that makes it 'same'-sized, exactly as
-the reference (SPEC 1.2 [QUIRK]: its init runs on the raw transposed-conv output and the crop follows). The
+the reference (docs/design.md §7: its init runs on the raw transposed-conv output and the crop follows). The
 cropped output then starts only close to zero mean and unit variance; following the reference keeps the initial
-parameters, and so the start of training, identical to the paper's code (a cropped-statistics init moves g by
-up to 8.6% in the decoder's transposed convs and the initial ELBO by about 4 nats).
+parameters, and so the start of training, identical to the paper's code (a cropped-statistics init would move
+the decoder's transposed-conv scales g and the initial ELBO measurably).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class _WeightNormBase(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Convolution kernels. XLA:CPU runs stride-1 convolutions through a fast library path, but a transposed conv
 # and the input gradient of a strided conv are lhs-dilated convolutions that it runs through a slow generic
-# loop (the k5 s2 transposed conv's gradient ran at ~1 GFLOP/s, 40x slower than a plain conv). The fast paths:
+# loop, many times slower than a plain conv (figures: benchmarks/README.md). The fast paths:
 #   * transposed conv -> sub-pixel form: ONE stride-1 conv producing all s*s output phases as channels, then
 #     depth-to-space; its gradients are stride-1 convs too;
 #   * strided conv -> the plain forward (fast), with a custom VJP whose input gradient is that sub-pixel
@@ -391,7 +391,7 @@ _WNConv = WNConv
 
 
 class ResBlock(nn.Module):
-  """The reference's residual block (SPEC 1.2), ungated, weight-normalised.
+  """The reference's residual block (docs/design.md §2), ungated, weight-normalised.
 
   y = Conv_k(ReLU?(x)) [+ AuxOp(ReLU(aux))] -> ReLU -> Conv_k,stride s (transposed in an upsampling decoder
   block) [+ R(x)]. The aux op is chosen from aux's shape against conv1's output: a strided conv if aux is
@@ -421,7 +421,8 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, aux: Optional[Array] = None) -> Array:
     k, c = self.kernel_size, self.features
-    WNConv = functools.partial(_WNConv, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes)  # pylint: disable=invalid-name
+    # pylint: disable-next=invalid-name
+    WNConv = functools.partial(_WNConv, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes)
     u = nn.relu(x) if self.residual else x
     y = WNConv(c, k, 1, dtype=self.dtype, name="conv1")(u)
     if aux is not None:

@@ -118,8 +118,8 @@ def load_for_eval(path: str, which: Optional[str] = None, use_ema: bool = True) 
     raise CheckpointError(f"Checkpoint {directory}/{step} is corrupted: {e}. {hint}") from e
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"Checkpoint {directory}/{step} could not be restored against the model its stored "
-                          f"config builds ({ckpt.short_error(e)[:160]}): it is corrupted, or its config does not match this "
-                          f"code. {hint}") from e
+                          f"config builds ({ckpt.short_error(e)[:160]}): it is corrupted, or its config does not "
+                          f"match this code. {hint}") from e
   try:
     integrity.check_finite(state)
   except CheckpointError as e:

@@ -1,6 +1,6 @@
 """Threshold-free OOD detection metrics (numpy only).
 
-Conventions (SPEC section 5):
+Conventions (docs/design.md §6):
 
 * labels are binary; **OOD is the positive class (label 1)** and the
  in-distribution reference set has label 0;
@@ -160,7 +160,7 @@ def fpr_at_tpr(
   """FPR at the first ROC point (thresholds descending) with TPR >= level.
 
   With ``tpr_level=0.8`` this is FPR80: the lowest false positive rate at
-  which at least 80% of the OOD examples are caught (SPEC section 5).
+  which at least 80% of the OOD examples are caught (docs/design.md §6).
 
   The reference computes it on sklearn's *default* ROC curve, which drops
   equally spaced collinear points.  Without cross-class ties this makes no

@@ -104,5 +104,6 @@ class RunControl:
     seconds, since_checkpoint = float(rows[0, 1]), float(rows[0, 2])
     return Decision(preempted=bool(np.any(rows[:, 0] > 0)),
                     out_of_time=self.budget_seconds > 0 and seconds >= self.budget_seconds,
-                    save_for_time=self.checkpoint_every_seconds > 0 and since_checkpoint >= self.checkpoint_every_seconds,
+                    save_for_time=(self.checkpoint_every_seconds > 0
+                                   and since_checkpoint >= self.checkpoint_every_seconds),
                     train_seconds=seconds)

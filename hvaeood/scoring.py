@@ -140,7 +140,8 @@ class Progress:
       line = f"{self.name}: {done} examples in {now - self._t0:.1f} s ({rate:.1f} images/s)"
     elif self.total:
       eta = max(self.total - done, 0) / max(rate, 1e-9)
-      line = (f"{self.name}: {min(done, self.total)}/{self.total} examples ({100 * min(done, self.total) / self.total:.0f}%), "
+      shown = min(done, self.total)
+      line = (f"{self.name}: {shown}/{self.total} examples ({100 * shown / self.total:.0f}%), "
               f"{rate:.1f} images/s, ETA {eta:.0f} s")
     else:
       line = f"{self.name}: {done} examples, {rate:.1f} images/s"

@@ -32,10 +32,6 @@ from hvaeood.schedules import schedule_values
 Array = jax.Array
 
 
-class TrainingError(RuntimeError):
-  """A run that cannot continue (e.g. too many consecutive skipped updates); the message says why."""
-
-
 @flax.struct.dataclass
 class TrainState:
   step: Array

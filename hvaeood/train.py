@@ -37,6 +37,7 @@ from hvaeood import run_control
 from hvaeood import scoring
 from hvaeood import state as state_lib
 from hvaeood.errors import CheckpointError, TrainingError
+from hvaeood.models import blocks
 from hvaeood.workdir_lock import WorkdirLock
 
 Array = jax.Array
@@ -79,8 +80,10 @@ def eval_summary(results: dict, in_name: str, num_dims: int) -> dict[str, float]
     out[f"eval_L>{k}"] = float(np.mean(lk))
   scores = lambda d: {s: v for k in range(1, r["lk"].shape[0])
                       for s, v in ((f"LLR>{k}", d["elbo"] - d["lk"][k]), (f"L>{k}", -d["lk"][k]))}
-  table = ood_metrics.ood_table(scores(r), {n: scores(o) for n, o in results.items() if n != in_name}, seed=0)
-  for name, per_score in table.items():
+  oods = {n: scores(o) for n, o in results.items() if n != in_name}
+  if not oods or r["lk"].shape[0] < 2:  # no OOD set, or one stage (no k >= 1)
+    return out
+  for name, per_score in ood_metrics.ood_table(scores(r), oods, seed=0).items():
     for score, m in per_score.items():
       out[f"eval_auroc_{score}_{name}"] = float(m["auroc"])
   return out
@@ -154,7 +157,9 @@ def _config_json(config: ml_collections.ConfigDict) -> str:
 
 
 def _model_section(config_json: str) -> str:
-  return json.dumps(json.loads(config_json).get("model"), sort_keys=True)
+  """The config's model section without the fields that choose how it runs (a run may resume on another backend)."""
+  model = json.loads(config_json).get("model") or {}
+  return json.dumps({k: v for k, v in model.items() if k not in blocks.EXECUTION_FIELDS}, sort_keys=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

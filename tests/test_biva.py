@@ -28,10 +28,11 @@ import pytest
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
 from configs import cifar10_biva, cifar10_hvae, mnist_hvae, svhn_biva, svhn_hvae  # noqa: E402
-from hvaeood import bounds, input_pipeline, train  # noqa: E402
+from hvaeood import bounds, devices, input_pipeline, schedules, train  # noqa: E402
+from hvaeood import state as state_lib  # noqa: E402
 from hvaeood.models import build_model, count_params  # noqa: E402
 from hvaeood.models.biva import BIVA, biva_spec_from_config  # noqa: E402
-import helpers_train as H  # noqa: E402
+import helpers as H  # noqa: E402
 from test_distributions import np_dlm_log_prob_per_pixel  # noqa: E402
 from test_models import assert_l0_is_the_elbo, assert_prior_sample_changes_only_skipped  # noqa: E402
 from test_models import captured as _captured  # noqa: E402
@@ -398,7 +399,7 @@ def _np_loss(out, beta, lam):
 @pytest.mark.parametrize("mod", [cifar10_biva, cifar10_hvae], ids=["biva", "hvae"])
 def test_one_train_step_and_evaluation_on_mock_data(mod, mock_dir):
   config = _mock_config(mod, mock_dir)
-  model = train.model_for_config(config)
+  model = state_lib.model_for_config(config)
   assert type(model).__name__ == ("BIVA" if mod is cifar10_biva else "HVAE")
   with _mocked(mock_dir):
     spe = input_pipeline.steps_per_epoch(config)
@@ -409,10 +410,10 @@ def test_one_train_step_and_evaluation_on_mock_data(mod, mock_dir):
   _, data_sharding = H.shardings(jax.devices())
   state0 = H.init_state(config, model, batch)
   host0 = H.state_to_host(state0)
-  state1, metrics = H.jit_step(config, model, spe)(state0, train.to_global(batch, data_sharding))
+  state1, metrics = H.jit_step(config, model, spe)(state0, devices.to_global(batch, data_sharding))
   metrics = jax.device_get(metrics)
   host1 = H.state_to_host(state1)
-  beta, lam = (float(v) for v in train.schedule_values(0, config, spe))
+  beta, lam = (float(v) for v in schedules.schedule_values(0, config, spe))
   assert (beta, lam) == (1.0, 2.0)
   out = jax.jit(lambda p, b, k: model.apply({"params": p}, b, 0, rngs={"sample": k}))(
       host0.params, jnp.asarray(batch), jax.random.fold_in(host0.rng, 0))
@@ -431,7 +432,7 @@ def test_one_train_step_and_evaluation_on_mock_data(mod, mock_dir):
   assert all(0.5 * lr < d <= 1.01 * lr for d in deltas), (min(deltas), max(deltas))
 
   # ---- one evaluation (the scoring the training loop runs), against independent model passes
-  mesh = train.make_mesh()
+  mesh = devices.make_mesh()
   rng = jax.random.PRNGKey(11)
   names = ["cifar10", "svhn_cropped"]
   with _mocked(mock_dir):

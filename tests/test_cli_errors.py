@@ -3,7 +3,7 @@ fix, with no traceback and no partial output that looks complete.
 
 Each case runs the real `train.py` or `evaluate.py` in a subprocess. The cases start together when the module
 does (three at a time); those that need a trained checkpoint use the session's reference run (see
-helpers_reliability.reference_workdir), built by whichever module asks first.
+helpers.reference_workdir), built by whichever module asks first.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-import helpers_reliability as R
+import helpers as H
+from hvaeood import integrity
 
-N = R.N_STEPS
+N = H.N_STEPS
 TINY = "configs/fashion_mnist_hvae.py:tiny"
 CASES = {}
 
@@ -38,22 +38,22 @@ class Env:
     self.data_dir = data_dir
     self.base = base
     self.shared = shared
-    self.cfg = R.write_config(base / "config.py", data_dir)
+    self.cfg = H.write_config(base / "config.py", data_dir)
 
   def dir(self, name) -> pathlib.Path:
     return self.base / name
 
   def reference(self) -> pathlib.Path:
-    return R.reference_workdir(self.shared, self.data_dir)
+    return H.reference_workdir(self.shared, self.data_dir)
 
   def train(self, name, *args, devices=1, workdir=None):
     wd = workdir or self.dir(name) / "wd"
-    return R.run_cli([R.REPO / "train.py", *args, f"--workdir={wd}"], devices=devices), wd
+    return H.run_cli([H.REPO / "train.py", *args, f"--workdir={wd}"], devices=devices), wd
 
   def evaluate(self, name, *args, checkpoint=None, devices=1, output_dir=None):
     out = output_dir or self.dir(name) / "out"
     ckpt_args = [] if checkpoint is False else [f"--checkpoint={checkpoint or self.reference()}"]
-    res = R.run_cli([R.REPO / "evaluate.py", *ckpt_args, f"--output_dir={out}", "--max_examples=32",
+    res = H.run_cli([H.REPO / "evaluate.py", *ckpt_args, f"--output_dir={out}", "--max_examples=32",
                      "--batch_size=32", *args], devices=devices)
     return res, out
 
@@ -105,20 +105,12 @@ def unwritable_workdir(env):
   return env.train("unwritable_workdir", f"--config={env.cfg}", workdir=blocker / "wd")
 
 
-HOLDER = textwrap.dedent('''
-    import sys, time
-    from hvaeood import checkpoints
-    checkpoints.WorkdirLock(sys.argv[1]).acquire()
-    print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
-''')
-
-
 @case
 def workdir_in_use(env):
   wd = env.dir("workdir_in_use") / "wd"
   wd.mkdir(parents=True)
-  holder = subprocess.Popen([R.PYTHON, "-c", HOLDER, str(wd), "600"], env=R.cli_env(), stdout=subprocess.PIPE,
+  holder = subprocess.Popen([H.PYTHON, str(H.PROGRAMS / "lock_holder.py"), str(wd), "600"], env=H.subprocess_env(),
+                            stdout=subprocess.PIPE,
                             text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
@@ -131,7 +123,7 @@ def workdir_in_use(env):
 
 @case
 def resume_with_other_model(env):
-  wd = R.copy_workdir(env.reference(), env.dir("resume_with_other_model") / "wd")
+  wd = H.copy_workdir(env.reference(), env.dir("resume_with_other_model") / "wd")
   before = {p.name: p.stat().st_mtime_ns for p in (wd / "checkpoints").iterdir()}
   config_before = (wd / "config.json").read_text()
   res, _ = env.train("resume_with_other_model", f"--config={env.cfg}", "--config.model.latent_dims=(2, 4, 4)",
@@ -152,8 +144,7 @@ def missing_checkpoint(env):
 def checkpoint_config_mismatch(env):
   """A checkpoint whose stored config builds a model other than the one its arrays belong to (as after a code
   change): its files are intact (the manifest is rewritten), so only the shapes can tell."""
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
-  wd = R.copy_workdir(env.reference(), env.dir("checkpoint_config_mismatch") / "wd")
+  wd = H.copy_workdir(env.reference(), env.dir("checkpoint_config_mismatch") / "wd")
   step_dir = wd / "checkpoints" / str(N)
   meta_file = step_dir / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
@@ -161,7 +152,7 @@ def checkpoint_config_mismatch(env):
   config["model"]["channels"] = [[16] * len(c) for c in config["model"]["channels"]]
   meta["config"] = json.dumps(config, sort_keys=True)
   meta_file.write_text(json.dumps(meta))
-  ckpt._write_files_manifest(str(step_dir))  # pylint: disable=protected-access
+  integrity.write_manifest(str(step_dir))
   return env.evaluate("checkpoint_config_mismatch", "--ood=mnist", checkpoint=step_dir)
 
 
@@ -265,57 +256,57 @@ def no_results(out: pathlib.Path):
 
 def test_unknown_config_field(results):
   res, wd = get(results, "unknown_config_field")
-  line = R.assert_user_error(res, "--config.optim.nonexistent", "config.optim has no field 'nonexistent'", " lr")
+  line = H.assert_user_error(res, "--config.optim.nonexistent", "config.optim has no field 'nonexistent'", " lr")
   assert "configs/common.py" in line
   assert not wd.exists(), "nothing may be written before the flags are valid"
 
 
 def test_unknown_config_section(results):
   res, _ = get(results, "unknown_config_section")
-  R.assert_user_error(res, "config has no field 'optimiser'", "optim")
+  H.assert_user_error(res, "config has no field 'optimiser'", "optim")
 
 
 def test_bad_config_value(results):
   res, _ = get(results, "bad_config_value")
-  R.assert_user_error(res, "'fast'", "--config.optim.lr")
+  H.assert_user_error(res, "'fast'", "--config.optim.lr")
 
 
 def test_missing_config_file(results):
   res, _ = get(results, "missing_config_file")
-  R.assert_user_error(res, "configs/no_such_config.py does not exist", "--config")
+  H.assert_user_error(res, "configs/no_such_config.py does not exist", "--config")
 
 
 def test_unknown_config_variant(results):
   res, _ = get(results, "unknown_config_variant")
-  R.assert_user_error(res, "'huge'", "tiny")
+  H.assert_user_error(res, "'huge'", "tiny")
 
 
 def test_unknown_train_dataset(results):
   res, wd = get(results, "unknown_train_dataset")
-  R.assert_user_error(res, "'fashion_mnits'", "fashion_mnist")
+  H.assert_user_error(res, "'fashion_mnits'", "fashion_mnist")
   assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
 
 
 def test_bad_train_precision(results):
   res, wd = get(results, "bad_train_precision")
-  R.assert_user_error(res, "--config.train.precision='fp8'", "default, high, highest")
+  H.assert_user_error(res, "--config.train.precision='fp8'", "default, high, highest")
   assert not (wd / "checkpoints").exists()
 
 
 def test_unwritable_workdir(results):
   res, _ = get(results, "unwritable_workdir")
-  R.assert_user_error(res, "not writable", "--workdir")
+  H.assert_user_error(res, "not writable", "--workdir")
 
 
 def test_workdir_in_use(results):
   res, wd, holder_pid = get(results, "workdir_in_use")
-  R.assert_user_error(res, f"in use by process {holder_pid} on {socket.gethostname()}", "--workdir")
+  H.assert_user_error(res, f"in use by process {holder_pid} on {socket.gethostname()}", "--workdir")
   assert sorted(p.name for p in wd.iterdir()) == [".lock"], "the refused run wrote into the workdir"
 
 
 def test_resume_with_a_different_model_config(results):
   res, wd, before, config_before = get(results, "resume_with_other_model")
-  R.assert_user_error(res, "can be restored for this config", "stored with shape", "config.json", "--workdir")
+  H.assert_user_error(res, "can be restored for this config", "stored with shape", "config.json", "--workdir")
   after = {p.name: p.stat().st_mtime_ns for p in (wd / "checkpoints").iterdir()}
   assert after == before, "the run's checkpoints were changed (renamed, pruned or overwritten)"
   assert (wd / "config.json").read_text() == config_before, "the run's config.json was overwritten"
@@ -327,48 +318,48 @@ def test_resume_with_a_different_model_config(results):
 
 def test_missing_checkpoint_path(results):
   res, out = get(results, "missing_checkpoint")
-  R.assert_user_error(res, "does not exist", "--workdir")
+  H.assert_user_error(res, "does not exist", "--workdir")
   no_results(out)
 
 
 def test_checkpoint_config_does_not_match_code(results):
   res, out = get(results, "checkpoint_config_mismatch")
-  R.assert_user_error(res, f"checkpoints/{N} does not match the model its stored config builds",
+  H.assert_user_error(res, f"checkpoints/{N} does not match the model its stored config builds",
                       "is stored with shape (8,) but the config builds (16,)")
   no_results(out)
 
 
 def test_unknown_ood_dataset(results):
   res, out = get(results, "unknown_ood_dataset")
-  R.assert_user_error(res, "'not_a_dataset'", "mnist")
+  H.assert_user_error(res, "'not_a_dataset'", "mnist")
   no_results(out)
 
 
 def test_ood_dataset_shape_mismatch_before_data_access(results):
   res, out = get(results, "ood_shape_mismatch")
-  line = R.assert_user_error(res, "cifar10", "(32, 32, 3)", "(28, 28, 1)")
+  line = H.assert_user_error(res, "cifar10", "(32, 32, 3)", "(28, 28, 1)")
   assert "prepared" not in line and "data_import" not in line, "the data was accessed before the shape check"
   no_results(out)
 
 
 def test_iw_samples_below_one(results):
   res, out = get(results, "iw_samples_zero")
-  R.assert_user_error(res, "iw_samples", "0")
+  H.assert_user_error(res, "iw_samples", "0")
   no_results(out)
 
 
 def test_k_not_below_number_of_layers(results):
   res, out = get(results, "k_out_of_range")
-  R.assert_user_error(res, "k = 3", "0..2")
+  H.assert_user_error(res, "k = 3", "0..2")
   no_results(out)
 
 
 def test_unwritable_output_dir(results):
   res, out = get(results, "unwritable_output_dir")
-  R.assert_user_error(res, "not writable", "--output_dir")
+  H.assert_user_error(res, "not writable", "--output_dir")
 
 
 def test_eval_bad_flag_value(results):
   res, out = get(results, "eval_bad_flag_value")
-  R.assert_user_error(res, "--iw_samples", "'many'")
+  H.assert_user_error(res, "--iw_samples", "'many'")
   no_results(out)

@@ -1,7 +1,7 @@
 """Data parallelism: 4 fake CPU devices against 1, and a 2-process run on localhost with the gloo collectives.
 
 Both run in subprocesses (the device count and `jax.distributed` are fixed at JAX start-up). The tests share a
-persistent compilation cache with test_train (see helpers_train) so the tiny programs compile once per session.
+persistent compilation cache with test_train (see helpers) so the tiny programs compile once per session.
 """
 
 import json
@@ -13,7 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-import helpers_train as H
+import helpers as H
+from hvaeood import devices as hdev
+from hvaeood import loading
+from hvaeood import state as state_lib
 from hvaeood import train
 
 
@@ -26,46 +29,13 @@ def _cache():
 # ---------------------------------------------------------------------------------------------------------------
 # 4 fake devices == 1 device
 
-_SHARDED_STEPS = """
-import os, pickle, sys
-import jax, numpy as np
-import helpers_train as H
-from hvaeood import train
-inp, out = sys.argv[1], sys.argv[2]
-with open(inp, 'rb') as f:
-  d = pickle.load(f)
-assert jax.device_count() == d['devices'], jax.devices()
-config = H.tiny_config(d['data_dir'])
-model = train.model_for_config(config)
-rep, data = H.shardings(jax.devices())
-step = H.jit_step(config, model, d['spe'], jax.devices())
-state = jax.device_put(d['state'], rep)
-results = []
-for batch in d['batches']:
-  x = train.to_global(batch, data)
-  assert len(x.sharding.device_set) == d['devices']
-  state, metrics = step(state, x)
-  results.append((H.state_to_host(state), H.state_to_host(metrics)))
-# An 18-row batch on 4 devices: padded to 20 rows, the 2 padding rows masked.
-padded = train.check_batch(18, rep.mesh)
-x18 = d['odd_batch']
-mask = train.to_global(np.arange(padded) < 18, data)
-pstep = jax.jit(train.make_train_step(config, model, d['spe']), in_shardings=(rep, data, data),
-                out_shardings=(rep, rep))
-pstate, pmetrics = pstep(jax.device_put(d['state'], rep), train.to_global(train.pad_rows(x18, padded), data), mask)
-results.append((padded, H.state_to_host(pstate), H.state_to_host(pmetrics)))
-with open(out, 'wb') as f:
-  pickle.dump(results, f)
-"""
-
-
 def _steps_on_this_process(config, state0, batches, spe, devices):
   rep, data = H.shardings(devices)
-  step = H.jit_step(config, train.model_for_config(config), spe, devices)
+  step = H.jit_step(config, state_lib.model_for_config(config), spe, devices)
   state = jax.device_put(state0, rep)
   results = []
   for batch in batches:
-    state, metrics = step(state, train.to_global(batch, data))
+    state, metrics = step(state, hdev.to_global(batch, data))
     results.append((H.state_to_host(state), H.state_to_host(metrics)))
   return results
 
@@ -82,7 +52,7 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
   spe = input_pipeline.steps_per_epoch(config)
   it = input_pipeline.create_train_iterator(config, seed=config.seed)
   batches = [next(it)['image'] for _ in range(2)]
-  model = train.model_for_config(config)
+  model = state_lib.model_for_config(config)
   state0 = H.state_to_host(H.init_state(config, model, batches[0], jax.devices()[:1]))
 
   odd = np.concatenate([batches[0], batches[1][:2]])  # 18 rows: not a multiple of 4
@@ -90,7 +60,7 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
   with open(inp, 'wb') as f:
     pickle.dump({'state': state0, 'batches': batches, 'spe': spe, 'devices': 4, 'data_dir': tfds_data_dir,
                  'odd_batch': odd}, f)
-  proc = H.start_python(_SHARDED_STEPS, inp, out, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  proc = H.start_program('sharded_steps', inp, out, devices=4)
   try:
     one = _steps_on_this_process(config, state0, batches, spe, jax.devices()[:1])
     one_odd = _steps_on_this_process(config, state0, [odd], spe, jax.devices()[:1])[0]
@@ -133,25 +103,6 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # 2 processes on localhost
 
-_PROCESS = """
-import json, sys
-import jax
-import helpers_train as H
-from hvaeood import train
-pid, port, workdir, data_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-config = H.tiny_config(data_dir, num_steps=4, checkpoint_every=2)
-# train_and_evaluate calls jax.distributed.initialize with these (CPU collectives: gloo, JAX's default).
-config.train.distributed = True
-config.train.coordinator_address = f'localhost:{port}'
-config.train.num_processes = 2
-config.train.process_id = pid
-summary = train.train_and_evaluate(config, workdir)
-assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1
-print('SUMMARY ' + json.dumps(summary), flush=True)
-jax.distributed.shutdown()
-"""
-
-
 def _summary(log: str) -> dict:
   lines = [l for l in log.splitlines() if l.startswith('SUMMARY ')]
   assert lines, log[-6000:]
@@ -168,14 +119,14 @@ def _single_process_replica(config, num_steps):
   its = [input_pipeline.create_train_iterator(config, seed=config.seed, process_index=i, process_count=2)
          for i in range(2)]
   batches = [np.concatenate([next(it)['image'] for it in its]) for _ in range(num_steps)]
-  model = train.model_for_config(config)
+  model = state_lib.model_for_config(config)
   devices = jax.devices()[:1]
   spe = input_pipeline.steps_per_epoch(config, process_count=2)
   state = H.init_state(config, model, batches[0], devices)
   step = H.jit_step(config, model, spe, devices)
   losses = []
   for b in batches:
-    state, m = step(state, train.to_global(b, H.shardings(devices)[1]))
+    state, m = step(state, hdev.to_global(b, H.shardings(devices)[1]))
     losses.append(float(m['loss']))
   return losses, H.state_to_host(state)
 
@@ -192,7 +143,7 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
   procs, logs = [], []
   for pid in range(2):
     log = tmp_path / f'process_{pid}.log'
-    procs.append(H.start_python(_PROCESS, pid, port, workdir, tfds_data_dir, log_path=log))
+    procs.append(H.start_program('distributed_process', pid, port, workdir, tfds_data_dir, log_path=log))
     logs.append(log)
   try:
     config = H.tiny_config(tfds_data_dir, num_steps=num_steps, checkpoint_every=2)
@@ -231,8 +182,7 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
   losses = [r['train_loss'] for r in rows]
   np.testing.assert_allclose(losses[0], replica_losses[0], rtol=1e-5)
   np.testing.assert_allclose(losses, replica_losses, rtol=2e-3)
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
-  loaded = ckpt.load_for_eval(str(workdir))
+  loaded = loading.load_for_eval(str(workdir))
   assert loaded.step == num_steps
   # After 4 Adam steps the same amplified rounding differences as the losses above (tight agreement of one
   # sharded step with one device is test_four_fake_devices_match_one_device's job).
@@ -244,7 +194,7 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
 
 def _assert_evaluation_is_one_devices(summary, params, config, step):
   """The run's in-training evaluation at `step` == one device evaluating `params` with the same keys and batches."""
-  model = train.model_for_config(config)
+  model = state_lib.model_for_config(config)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # as train._evaluate_and_log
   mesh = H.shardings(jax.devices()[:1])[0].mesh
   results = train.evaluate_model(model, params, config, mesh, rng, [config.data.name])
@@ -257,33 +207,17 @@ def _assert_evaluation_is_one_devices(summary, params, config, step):
 # ---------------------------------------------------------------------------------------------------------------
 # 8 fake devices: the tiny config trains through its evaluations
 
-_EIGHT_DEVICES = """
-import json, sys
-import jax
-import helpers_train as H
-from hvaeood import train
-assert jax.device_count() == 8
-config = H.tiny_config(sys.argv[2], num_steps=4)
-config.train.batch_size = 20  # padded to 24 rows (4 masked)
-config.train.eval_every_steps = 2  # two evaluations of 50 examples: batches padded to 56 rows
-summary = train.train_and_evaluate(config, sys.argv[1])
-print('SUMMARY ' + json.dumps(summary), flush=True)
-"""
-
-
 def test_eight_devices_train_through_the_evaluations(tfds_data_dir, tmp_path):
   """The tiny config with batch 20 and evaluation batch 50 on 8 devices: it trains on batches padded to 24 rows,
   evaluates at steps 2 and 4 on batches padded to 56, and its evaluation equals one device's evaluation of the
   saved parameters on batches of the same 56 rows (the latent draws of a row depend on the batch's shape)."""
   workdir = tmp_path / 'wd'
-  log = H.run_python(_EIGHT_DEVICES, workdir, tfds_data_dir, timeout=400,
-                     XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  log = H.run_program('eight_devices', workdir, tfds_data_dir, timeout=400, devices=8)
   summary = _summary(log)
   assert summary['step'] == 4 and summary['stop_reason'] == 'completed'
   evals = [r for r in H.read_jsonl(workdir / 'metrics.jsonl') if 'eval_elbo' in r]
   assert [r['step'] for r in evals] == [2, 4]
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
-  loaded = ckpt.load_for_eval(str(workdir), which='latest')
+  loaded = loading.load_for_eval(str(workdir), which='latest')
   assert loaded.step == 4
   config = H.tiny_config(tfds_data_dir, num_steps=4)
   config.eval.batch_size = 56
@@ -293,33 +227,12 @@ def test_eight_devices_train_through_the_evaluations(tfds_data_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # 2 processes: wall-clock checkpoints and SIGTERM to one process only
 
-_CONTROLLED = """
-import json, sys
-import jax
-import helpers_train as H
-from hvaeood import train
-pid, port, workdir, data_dir, num_steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-config = H.tiny_config(data_dir, num_steps=num_steps, checkpoint_every=10**6)
-config.checkpoint.every_minutes = 0.004  # a timed save every ~0.25 s of process 0's clock
-config.checkpoint.keep = 1000
-config.train.eval_every_steps = 10**6  # evaluate only at the end of a completed run
-config.train.sync_every_steps = 2
-config.train.distributed = True
-config.train.coordinator_address = f'localhost:{port}'
-config.train.num_processes = 2
-config.train.process_id = pid
-summary = train.train_and_evaluate(config, workdir)
-print('SUMMARY ' + json.dumps(summary), flush=True)
-jax.distributed.shutdown()
-"""
-
-
 def _start_pair(tmp_path, tag, workdir, data_dir, num_steps):
   port = H.free_port()
   procs, logs = [], []
   for pid in range(2):
     log = tmp_path / f'{tag}_{pid}.log'
-    procs.append(H.start_python(_CONTROLLED, pid, port, workdir, data_dir, num_steps, log_path=log))
+    procs.append(H.start_program('controlled_process', pid, port, workdir, data_dir, num_steps, log_path=log))
     logs.append(log)
   return procs, logs
 
@@ -396,7 +309,7 @@ def test_two_processes_sigterm_to_one_and_timed_checkpoints_stay_in_step(tfds_da
     assert r['train_loss'] == original[r['step']]['train_loss'], r['step']
   from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   config = H.tiny_config(tfds_data_dir)
-  abstract = train.abstract_train_state(config)
+  abstract = state_lib.abstract_train_state(config)
   states = []
   for wd in (workdir, copy):
     manager = ckpt.make_manager(str(wd / 'checkpoints'), keep=1000, read_only=True)

@@ -8,16 +8,18 @@ import pathlib
 import re
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers as H
 from hvaeood import bounds
-from hvaeood import checkpoints as ckpt
-from hvaeood import evaluate as ev
+from hvaeood import devices
+from hvaeood import loading
+from hvaeood import scoring
+from hvaeood import state as state_lib
 from hvaeood import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,11 +31,7 @@ _LOG_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages 
 
 
 def _env(**extra):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  env.update(extra)
-  return env
+  return H.subprocess_env(**extra)
 
 
 def run_cli(*args, timeout=900, **env):
@@ -167,7 +165,7 @@ def assert_scores_are_independent_passes(scores, params, model, passes, *, batch
                                                    seed=data_seed, max_examples=n, data_dir=data_dir)
     assert got_n == n
     for i, b in enumerate(it):
-      key = jax.random.fold_in(jax.random.fold_in(ev.pass_key(0, name), i), 0)
+      key = jax.random.fold_in(jax.random.fold_in(scoring.pass_key(0, name), i), 0)
       o = jax.device_get(apply(params, jnp.asarray(b["image"]), skips, key))
       real = b["mask"]
       assert real.sum() == min(batch, n - i * batch)
@@ -190,9 +188,9 @@ def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_da
   batching, padding/masking, gathering, ordering and key schedule, not just that it runs."""
   out, _ = cli_run
   scores = np.load(out / "scores.npz")
-  loaded = ckpt.load_for_eval(workdir)
+  loaded = loading.load_for_eval(workdir)
   assert loaded.parameters == "EMA"
-  model = train.model_for_config(loaded.config)
+  model = state_lib.model_for_config(loaded.config)
   assert_scores_are_independent_passes(
       scores, loaded.params, model, [("fashion_mnist", "fashion_mnist", "test", 0),
                                      ("fashion_mnist (sanity)", "fashion_mnist", "test", 1),
@@ -219,15 +217,15 @@ def test_raw_parameters_prior_samples_train_reference_and_latest(workdir, tfds_d
   assert "raw parameters" in md and "conditional-prior sample (paper)" in md
   assert "fashion_mnist (train split) AUROC" in md
   scores = np.load(tmp_path / "scores.npz")
-  loaded = ckpt.load_for_eval(workdir, which="latest", use_ema=False)
+  loaded = loading.load_for_eval(workdir, which="latest", use_ema=False)
   assert loaded.parameters == "raw"
-  model = train.model_for_config(loaded.config)
+  model = state_lib.model_for_config(loaded.config)
   assert_scores_are_independent_passes(
       scores, loaded.params, model, [("fashion_mnist", "fashion_mnist", "test", 0),
                                      ("fashion_mnist (train split)", "fashion_mnist", "train", 0)],
       batch=batch, n=n, data_dir=tfds_data_dir, prior_sample=True)
   # The EMA differs from the raw parameters, so the two runs' parameters are really different ones.
-  ema = ckpt.load_for_eval(workdir, which="latest").params
+  ema = loading.load_for_eval(workdir, which="latest").params
   assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(loaded.params))) > 1e-4
 
@@ -243,19 +241,19 @@ def _precisions(text: str) -> list[str]:
 def test_lowered_evaluation_and_training_carry_the_precision(workdir, precision):
   """The evaluation's bounds and the training step ask XLA for the configured precision in the program itself,
   so a backend's default (bfloat16 passes on TPU, TF32 on GPU) cannot change the likelihoods."""
-  loaded = ckpt.load_for_eval(workdir)
-  model = train.model_for_config(loaded.config)
-  mesh = train.make_mesh()
+  loaded = loading.load_for_eval(workdir)
+  model = state_lib.model_for_config(loaded.config)
+  mesh = devices.make_mesh()
   x = jax.ShapeDtypeStruct((4, 28, 28, 1), jnp.float32)
-  fn = ev.make_bounds_fn(model, mesh, iw_samples=2, iw_samples_k=1, ks=(0, 1, 2), max_rows=None,
+  fn = scoring.make_bounds_fn(model, mesh, iw_samples=2, iw_samples_k=1, ks=(0, 1, 2), max_rows=None,
                          precision=precision)
   found = _precisions(fn.lower(loaded.params, x, jax.random.PRNGKey(0)).as_text())
   want = "HIGHEST" if precision == "highest" else "DEFAULT"
   assert all(set(p) == {want} for p in found), found[:5]
   config = loaded.config
   config.train.precision = precision
-  step = jax.jit(train.make_train_step(config, model, 100))
-  found = _precisions(step.lower(train.abstract_train_state(config), x).as_text())
+  step = jax.jit(state_lib.make_train_step(config, model, 100))
+  found = _precisions(step.lower(state_lib.abstract_train_state(config), x).as_text())
   assert len(found) > 20 and all(set(p) == {want} for p in found), found[:5]
 
 
@@ -269,9 +267,9 @@ def test_eight_devices_score_a_set_smaller_than_one_batch(workdir, tfds_data_dir
   r = json.loads((tmp_path / "results.json").read_text())
   assert r["devices"] == 8 and r["batch_size"] == 500 and r["padded_batch_size"] == 504
   assert r["n_examples_by_dataset"] == {"fashion_mnist": n, "fashion_mnist (sanity)": n, "mnist": n}
-  loaded = ckpt.load_for_eval(workdir)
+  loaded = loading.load_for_eval(workdir)
   assert_scores_are_independent_passes(
-      np.load(tmp_path / "scores.npz"), loaded.params, train.model_for_config(loaded.config),
+      np.load(tmp_path / "scores.npz"), loaded.params, state_lib.model_for_config(loaded.config),
       [("fashion_mnist", "fashion_mnist", "test", 0), ("mnist", "mnist", "test", 0)], batch=504, n=n,
       data_dir=tfds_data_dir)
 
@@ -281,12 +279,12 @@ def test_chunked_importance_weighting_follows_the_documented_row_layout(workdir,
   (skip counts) are evaluated in chunks c = 0, 1, 2 with key fold_in(key, c); the IW ELBO is the log-mean-exp
   of chunk 0's two rows, log_px/kl their mean, and L>k the single rows that follow."""
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
-  loaded = ckpt.load_for_eval(workdir)
-  model, params = train.model_for_config(loaded.config), loaded.params
+  loaded = loading.load_for_eval(workdir)
+  model, params = state_lib.model_for_config(loaded.config), loaded.params
   it, _ = input_pipeline.create_eval_dataset("fashion_mnist", "test", preprocessing="binarize", batch_size=8,
                                              seed=3, max_examples=8, data_dir=tfds_data_dir)
   x = jnp.asarray(next(iter(it))["image"])
-  fn = ev.make_bounds_fn(model, train.make_mesh(), iw_samples=2, iw_samples_k=1, ks=(0, 1, 2), max_rows=16)
+  fn = scoring.make_bounds_fn(model, devices.make_mesh(), iw_samples=2, iw_samples_k=1, ks=(0, 1, 2), max_rows=16)
   key = jax.random.PRNGKey(7)
   got = jax.device_get(fn(params, x, np.asarray(key)))
   apply = _jit_apply(model)
@@ -320,31 +318,8 @@ def test_multi_process_outputs_are_reassembled_in_file_order():
     for p in range(n_proc):
       batches[b, :, owner == p] = local[p, b][:, None]
   batches[:, 1] += 100.0
-  got = ev.to_file_order(batches, owner, masks)
+  got = scoring.to_file_order(batches, owner, masks)
   np.testing.assert_array_equal(got, np.stack([np.arange(n), np.arange(n) + 100.0]))
-
-
-_MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
-    import jax, jax.numpy as jnp, numpy as np
-    from configs import fashion_mnist_hvae
-    from hvaeood import evaluate as ev, train
-    from hvaeood.models import init_params
-
-    def peak_mb():
-      return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    model = train.model_for_config(fashion_mnist_hvae.get_config("tiny"))
-    x = jnp.asarray((np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
-    params = init_params(model, jax.random.PRNGKey(0), x)
-    mesh = train.make_mesh()
-    res = {}
-    for s in (10, 1000):
-      fn = ev.make_bounds_fn(model, mesh, iw_samples=s, iw_samples_k=1, ks=(0, 1, 2), max_rows=int(sys.argv[1]))
-      b = jax.device_get(fn(params, x, np.asarray(jax.random.PRNGKey(s))))
-      res[s] = {"peak_mb": peak_mb(), "elbo": b.elbo.tolist(), "mean_single": (b.log_px - b.kl.sum(0)).tolist()}
-    print("RESULT " + json.dumps(res))
-""")
 
 
 def test_iw_1000_samples_run_in_bounded_memory():
@@ -352,8 +327,8 @@ def test_iw_1000_samples_run_in_bounded_memory():
   peak RSS may grow only a little from S = 10 to S = 1000 (evaluating all 8024 rows at once adds ~1 GB here).
   The IW ELBO is >= the mean of its own single-sample ELBOs (Jensen, per example) and, on average, >= the
   single-sample ELBO estimated from a separate run's samples (S = 10)."""
-  proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, "256"], cwd=REPO, env=_env(), capture_output=True,
-                        text=True, timeout=900, check=False)
+  proc = subprocess.run([sys.executable, str(H.PROGRAMS / "iw_memory.py"), "256"], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]
   res = {int(k): v for k, v in json.loads(proc.stdout.split("RESULT ")[-1]).items()}
   grow = res[1000]["peak_mb"] - res[10]["peak_mb"]

@@ -96,18 +96,19 @@ def test_subpixel_kernel_uses_every_tap_once():
 
 @pytest.mark.parametrize("k,s,transpose,h", [
     (5, 1, False, 9), (5, 2, False, 9), (3, 2, False, 8), (3, 2, True, 5), (5, 2, True, 6), (1, 1, False, 6)])
-def test_conv2d_batch_chunks_equal_plain(monkeypatch, k, s, transpose, h):
+def test_conv2d_batch_chunks_equal_plain(k, s, transpose, h):
   """With a tiny chunk budget conv2d splits the batch into unequal chunks; results are unchanged."""
-  monkeypatch.setattr(layers, "CONV_CHUNK_BYTES", 2000)
   rng, x, wt = _inputs(k + h, 7, h, h, 3, k, 4)
   out_hw = h * s if transpose else -(-h // s)
-  assert layers._num_chunks(x, (7, out_hw, out_hw, 4)) > 1
+  assert layers._num_chunks(x, (7, out_hw, out_hw, 4), 2000) > 1
   _check_same(lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=False),
-              lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True), x, wt, rng)
+              lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=2000), x, wt, rng)
 
 
-def test_fast_conv_is_the_default():
-  assert layers.FAST_CONV is True
+def test_fast_conv_is_the_default_on_cpu_only():
+  """The default (None) resolves per backend: the measured CPU rewrites on CPU, plain lax convs elsewhere."""
+  assert layers.resolve_fast(None) is (jax.default_backend() == "cpu")
+  assert layers.resolve_fast(False) is False and layers.resolve_fast(True) is True
   assert WNConv(4, 3).fast is None
 
 

@@ -1,5 +1,5 @@
 """`import hvaeood` changes no process-wide state; `hvaeood.set_xla_cpu_defaults()` sets its one XLA:CPU default,
-only where asked and known to be safe."""
+only where asked and known to be safe; the package's imports follow the layers of docs/design.md, without a cycle."""
 
 import os
 import subprocess
@@ -13,9 +13,10 @@ FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _AFTER = ("import os, sys, logging, hvaeood{imports}{call}; "
           "print(repr((os.environ.get('XLA_FLAGS'), sys.excepthook is sys.__excepthook__, "
           "sys.unraisablehook is sys.__unraisablehook__, len(logging.getLogger('asyncio').filters))))")
-MODULES = ("bounds", "checkpoints", "cli", "devices", "distributions", "evaluate", "integrity", "io_utils", "layers",
-           "loading", "logging_utils", "models", "ood_metrics", "plots", "run_control", "schedules", "scoring", "state",
-           "train", "workdir_lock")
+MODULES = ("bounds", "checkpoints", "cli", "datasets_info", "devices", "distributions", "errors", "evaluate",
+           "integrity", "io_utils", "layers", "loading", "logging_utils", "models", "models.biva", "models.blocks",
+           "models.hvae", "ood_metrics", "plots", "run_control", "schedules", "scoring", "state", "train",
+           "workdir_lock")
 
 
 def _after(call: bool, imports: bool = False, **env_over):
@@ -48,3 +49,66 @@ def test_opt_out_and_explicit_setting_are_respected():
   assert _after(call=True, HVAEOOD_XLA_CPU_DEFAULTS="0")[0] is None
   assert _after(call=True, HVAEOOD_XLA_CPU_DEFAULTS="0", XLA_FLAGS="--a=1")[0] == "--a=1"
   assert _after(call=True, XLA_FLAGS=f"{FLAG}=ynn")[0] == f"{FLAG}=ynn"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The import graph (read from the sources by scripts/code_report.py; function-local imports included)
+
+def _code_report():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("code_report", os.path.join(ROOT, "scripts", "code_report.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+# docs/design.md's layers, lowest first: a module may import only modules of lower layers.
+LAYERS = (
+    ("hvaeood", "hvaeood.errors", "hvaeood.io_utils", "hvaeood.datasets_info", "hvaeood.schedules",
+     "hvaeood.devices", "hvaeood.run_control", "hvaeood.logging_utils", "hvaeood.ood_metrics", "hvaeood.layers",
+     "hvaeood.data_import"),
+    ("hvaeood.distributions", "hvaeood.plots", "hvaeood.integrity", "hvaeood.workdir_lock",
+     "hvaeood.input_pipeline"),
+    ("hvaeood.models.blocks", "hvaeood.checkpoints"),
+    ("hvaeood.models.hvae", "hvaeood.models.biva"),
+    ("hvaeood.models",),
+    ("hvaeood.bounds",),
+    ("hvaeood.scoring",),
+    ("hvaeood.state",),
+    ("hvaeood.loading",),
+    ("hvaeood.train", "hvaeood.evaluate"),
+    ("hvaeood.cli",),
+)
+
+
+def test_cycle_finder_finds_a_made_up_cycle():
+  report = _code_report()
+  assert report.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+  assert report.cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_cycle():
+  report = _code_report()
+  assert report.cycles(report.import_graph()) == []
+
+
+def test_every_module_imports_only_lower_layers():
+  graph = _code_report().import_graph()
+  rank = {m: i for i, group in enumerate(LAYERS) for m in group}
+  assert set(graph) == set(rank), f"modules missing from LAYERS (docs/design.md): {set(graph) ^ set(rank)}"
+  wrong = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if rank[d] >= rank[m])
+  assert not wrong, f"imports against the layering: {wrong}"
+
+
+def test_tensorflow_is_imported_only_by_the_input_modules():
+  import ast  # pylint: disable=import-outside-toplevel
+  found = set()
+  for name, path in _code_report().modules().items():
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      if any(n.split(".")[0] in ("tensorflow", "tensorflow_datasets") for n in names):
+        found.add(name)
+  assert found == {"hvaeood.input_pipeline", "hvaeood.data_import"}

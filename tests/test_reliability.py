@@ -2,7 +2,7 @@
 second trainer on its workdir, and is deterministic.
 
 Every training run here is the real `train.py` in a subprocess (tiny config, 128 training examples, a checkpoint
-every step; see helpers_reliability). The slow parts run as three background chains that start when the module
+every step; see helpers). The slow parts run as three background chains that start when the module
 does, so that their subprocesses overlap:
 
 * reference: an uninterrupted N-step run (shared with test_cli_errors), then a resume from a copy with a
@@ -31,15 +31,17 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 
-import helpers_reliability as R
+import helpers as H
+from hvaeood import checkpoints as ckpt
+from hvaeood import loading
+from hvaeood import workdir_lock
 
-N = R.N_STEPS
+N = H.N_STEPS
 TIMEOUT = 900  # per chain wait; the runs take seconds to a minute each on a loaded 2-core machine
 
 
@@ -67,10 +69,10 @@ def _kill_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path, seed: int, kills
   kinds = [KILL_KINDS[i] if i < len(KILL_KINDS) else KILL_KINDS[1 + (i - 1) % 3] for i in range(kills)]
   records, launches = [], []
   for i, kind in enumerate(kinds):
-    before = R.checkpoint_steps(wd)
+    before = H.checkpoint_steps(wd)
     if before and before[-1] >= N - 2:
       break  # no room left for another kill before the run ends
-    run = R.launch_train(cfg, wd, logs / f"kill_{i}.log")
+    run = H.launch_train(cfg, wd, logs / f"kill_{i}.log")
     launches.append(run)
     rec = {"kind": kind, "pid": run.pid, "before": before[-1] if before else None}
     if kind == "startup":
@@ -80,10 +82,10 @@ def _kill_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path, seed: int, kills
     else:
       start = before[-1] if before else 0
       if kind == "checkpoint-write":
-        R.wait_for(lambda: [t for t in R.tmp_checkpoint_dirs(wd) if int(t.split(".")[0]) > start], TIMEOUT,
+        H.wait_for(lambda: [t for t in H.tmp_checkpoint_dirs(wd) if int(t.split(".")[0]) > start], TIMEOUT,
                    "a checkpoint write in progress", proc=run, interval=0.002)
       else:
-        R.wait_for(lambda: (R.checkpoint_steps(wd) or [0])[-1] > start, TIMEOUT,
+        H.wait_for(lambda: (H.checkpoint_steps(wd) or [0])[-1] > start, TIMEOUT,
                    "the restarted run to commit a checkpoint", proc=run, interval=0.002)
         if kind == "random":
           delay = rng.uniform(0.0, 1.0)
@@ -94,13 +96,13 @@ def _kill_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path, seed: int, kills
     run.signal(signal.SIGKILL)
     rc = run.wait(60)
     rec["rc"] = rc
-    rec["complete_after"] = R.checkpoint_steps(wd)
-    rec["partial_after"] = R.tmp_checkpoint_dirs(wd)
+    rec["complete_after"] = H.checkpoint_steps(wd)
+    rec["partial_after"] = H.tmp_checkpoint_dirs(wd)
     lock = wd / ".lock"
     rec["lock_after"] = lock.read_text().strip() if lock.exists() else None
     rec["summary_after"] = (wd / "summary.json").exists()
     records.append(rec)
-  final = R.launch_train(cfg, wd, logs / "kill_final.log")
+  final = H.launch_train(cfg, wd, logs / "kill_final.log")
   launches.append(final)
   final_rc = final.wait(TIMEOUT)
   # What each restart resumed from.
@@ -113,13 +115,13 @@ def _kill_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path, seed: int, kills
 def _sigterm_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path) -> dict:
   """Two trainers on one workdir (one refuses), SIGTERM to the other, then resume to N steps."""
   long_run = "--config.train.num_steps=100000"
-  a = R.launch_train(cfg, wd, logs / "trainer_a.log", long_run)
-  b = R.launch_train(cfg, wd, logs / "trainer_b.log", long_run)
-  loser = R.wait_for(lambda: a if a.poll() is not None else (b if b.poll() is not None else None), TIMEOUT,
+  a = H.launch_train(cfg, wd, logs / "trainer_a.log", long_run)
+  b = H.launch_train(cfg, wd, logs / "trainer_b.log", long_run)
+  loser = H.wait_for(lambda: a if a.poll() is not None else (b if b.poll() is not None else None), TIMEOUT,
                      "one of two trainers on the same workdir to exit")
   winner = b if loser is a else a
   out = {"loser_rc": loser.wait(60), "loser_log": loser.log(), "winner_pid": winner.pid, "loser_pid": loser.pid}
-  R.wait_for(lambda: (R.checkpoint_steps(wd) or [0])[-1] >= 3, TIMEOUT, "3 checkpoints of the winner",
+  H.wait_for(lambda: (H.checkpoint_steps(wd) or [0])[-1] >= 3, TIMEOUT, "3 checkpoints of the winner",
              proc=winner)
   winner.signal(signal.SIGTERM)
   t0 = time.time()
@@ -127,9 +129,9 @@ def _sigterm_chain(cfg: str, wd: pathlib.Path, logs: pathlib.Path) -> dict:
   out["sigterm_exit_s"] = time.time() - t0
   out["winner_log"] = winner.log()
   out["summary"] = json.loads((wd / "summary.json").read_text()) if (wd / "summary.json").exists() else None
-  out["steps_after_sigterm"] = R.checkpoint_steps(wd)
-  out["losses_after_sigterm"] = R.train_losses(wd)
-  resume = R.launch_train(cfg, wd, logs / "resume.log")
+  out["steps_after_sigterm"] = H.checkpoint_steps(wd)
+  out["losses_after_sigterm"] = H.train_losses(wd)
+  resume = H.launch_train(cfg, wd, logs / "resume.log")
   out["resume_rc"] = resume.wait(TIMEOUT)
   out["resume_log"] = resume.log()
   out["workdir"] = wd
@@ -140,62 +142,30 @@ NAN_STEPS = (4, 5)  # two consecutive skipped updates, then training goes on
 NAN_FROM = 9  # every update from here on is non-finite: the run must stop after K = 3 of them
 MAX_SKIPS = 3
 
-NAN_DRIVER = '''"""train.py with NaN pixels in the batches of some steps (generated by test_reliability)."""
-import runpy
-import sys
-import numpy as np
-sys.path.insert(0, {repo!r})
-from hvaeood import input_pipeline
-
-_orig = input_pipeline.create_train_iterator
-
-
-def create_train_iterator(config, *args, start_step=0, **kwargs):
-  it = _orig(config, *args, start_step=start_step, **kwargs)
-
-  def gen():
-    for i, batch in enumerate(it):
-      step = start_step + i + 1  # the step whose update uses this batch
-      if step in {nan_steps!r} or step >= {nan_from!r}:
-        batch = dict(batch)
-        image = np.array(batch["image"], copy=True)
-        image[:, :4, :4, :] = np.nan
-        batch["image"] = image
-      yield batch
-  return gen()
-
-
-input_pipeline.create_train_iterator = create_train_iterator
-sys.argv[0] = {train!r}
-runpy.run_path({train!r}, run_name="__main__")
-'''
-
-
 def _nan_run(cfg: str, wd: pathlib.Path, logs: pathlib.Path) -> dict:
-  driver = logs / "nan_driver.py"
-  driver.write_text(NAN_DRIVER.format(repo=str(R.REPO), train=str(R.REPO / "train.py"),
-                                      nan_steps=set(NAN_STEPS), nan_from=NAN_FROM))
-  run = R.launch_train(cfg, wd, logs / "nan.log", "--config.train.num_steps=30",
+  run = H.launch_train(cfg, wd, logs / "nan.log", "--config.train.num_steps=30",
                        f"--config.optim.max_consecutive_skips={MAX_SKIPS}", "--config.checkpoint.keep=100",
-                       driver=str(driver))
+                       driver=str(H.PROGRAMS / "nan_train.py"),
+                       env_extra={"HVAEOOD_TEST_NAN_STEPS": ",".join(map(str, NAN_STEPS)),
+                                  "HVAEOOD_TEST_NAN_FROM": str(NAN_FROM)})
   rc = run.wait(TIMEOUT)
   return {"rc": rc, "log": run.log(), "workdir": wd}
 
 
 def _corrupt_resume(ref: pathlib.Path, cfg: str, base: pathlib.Path) -> dict:
   """Resume from a copy of the reference whose latest checkpoint has every array file truncated."""
-  wd = R.copy_workdir(ref, base / "corrupt_resume")
-  files = R.state_data_files(wd, N)
+  wd = H.copy_workdir(ref, base / "corrupt_resume")
+  files = H.state_data_files(wd, N)
   for f in files:
-    R.truncate(f, 0.5)
-  run = R.launch_train(cfg, wd, base / "logs" / "corrupt_resume.log")
+    H.truncate(f, 0.5)
+  run = H.launch_train(cfg, wd, base / "logs" / "corrupt_resume.log")
   rc = run.wait(TIMEOUT)
   return {"rc": rc, "log": run.log(), "workdir": wd, "truncated": len(files)}
 
 
 def _evaluate_twice(ref: pathlib.Path, base: pathlib.Path) -> dict:
   outs = [base / "eval_1", base / "eval_2"]
-  runs = [R.Launched([R.REPO / "evaluate.py", f"--checkpoint={ref}", "--ood=mnist", f"--output_dir={o}",
+  runs = [H.Launched([H.REPO / "evaluate.py", f"--checkpoint={ref}", "--ood=mnist", f"--output_dir={o}",
                       "--max_examples=32", "--batch_size=32", "--iw_samples=2", "--iw_samples_k=2"],
                      base / "logs" / f"{o.name}.log") for o in outs]
   return {"rcs": [r.wait(TIMEOUT) for r in runs], "logs": [r.log() for r in runs], "outs": outs}
@@ -219,7 +189,7 @@ def chains(tfds_data_dir, tmp_path_factory, pytestconfig, request):
   shared = tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared"
   logs = base / "logs"
   logs.mkdir()
-  cfg = R.write_config(base / "config.py", tfds_data_dir)
+  cfg = H.write_config(base / "config.py", tfds_data_dir)
   seed = int(os.environ.get("HVAEOOD_KILL_SEED", "0"))
   kills = int(os.environ.get("HVAEOOD_KILLS", "4"))
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
@@ -230,7 +200,7 @@ def chains(tfds_data_dir, tmp_path_factory, pytestconfig, request):
       if name in NEEDS_REFERENCE:
         submit("reference")
       makers = {
-          "reference": lambda: R.reference_workdir(shared, tfds_data_dir),
+          "reference": lambda: H.reference_workdir(shared, tfds_data_dir),
           "kill": lambda: _kill_chain(cfg, base / "kill", logs, seed, kills),
           "sigterm": lambda: _sigterm_chain(cfg, base / "sigterm", logs),
           "corrupt": lambda: _corrupt_resume(futures["reference"].result(), cfg, base),
@@ -271,8 +241,8 @@ def _get(chains, name):
 @pytest.fixture(scope="module")
 def reference(chains):
   wd = _get(chains, "reference")
-  state, meta = R.load_state(wd, N)
-  return {"workdir": wd, "state": state, "losses": R.train_losses(wd)}
+  state, meta = H.load_state(wd, N)
+  return {"workdir": wd, "state": state, "losses": H.train_losses(wd)}
 
 
 def _say(capsys, text):
@@ -301,8 +271,8 @@ def test_kill9_restarts_resume_from_last_complete_checkpoint(chains, capsys):
                 f"{rec['partial_after']} -> resumed from {rec['resumed_from']}")
   assert out["final_rc"] == 0, out["final_log"][-3000:]
   wd = out["workdir"]
-  assert R.checkpoint_steps(wd)[-1] == N
-  assert not R.tmp_checkpoint_dirs(wd), "a partial checkpoint of a killed run was left behind"
+  assert H.checkpoint_steps(wd)[-1] == N
+  assert not H.tmp_checkpoint_dirs(wd), "a partial checkpoint of a killed run was left behind"
   assert json.loads((wd / "summary.json").read_text())["step"] == N
   _say(capsys, "kill -9 chain:\n" + "\n".join(rows))
 
@@ -325,8 +295,8 @@ def test_kill9_during_checkpoint_write_never_resumes_partial(chains):
 @uses("reference", "kill")
 def test_kill9_final_state_identical_to_uninterrupted_run(chains, reference, capsys):
   out = _get(chains, "kill")
-  state, _ = R.load_state(out["workdir"], N)
-  R.assert_states_equal(state, reference["state"], "kill -9 chain vs uninterrupted run")
+  state, _ = H.load_state(out["workdir"], N)
+  H.assert_states_equal(state, reference["state"], "kill -9 chain vs uninterrupted run")
   tried = len(out["records"])
   survived = sum(1 for r in out["records"] if r["resumed_from"] == (r["complete_after"] or [None])[-1])
   _say(capsys, f"kill -9: {survived}/{tried} kills survived (resumed from the last complete checkpoint; final "
@@ -377,8 +347,8 @@ def test_sigterm_resume_continues_and_matches_uninterrupted(chains, reference):
   out = _get(chains, "sigterm")
   assert out["resume_rc"] == 0, out["resume_log"][-3000:]
   assert _resumed_from(out["resume_log"]) == out["summary"]["step"]
-  state, _ = R.load_state(out["workdir"], N)
-  R.assert_states_equal(state, reference["state"], "SIGTERM + resume vs uninterrupted run")
+  state, _ = H.load_state(out["workdir"], N)
+  H.assert_states_equal(state, reference["state"], "SIGTERM + resume vs uninterrupted run")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,26 +364,25 @@ def test_corrupt_latest_checkpoint_training_warns_and_falls_back(chains, referen
   assert _resumed_from(log) == N - 1
   wd = out["workdir"]
   assert (wd / "checkpoints" / f"{N}.corrupt").is_dir(), "the unreadable checkpoint was not set aside"
-  state, _ = R.load_state(wd, N)
-  R.assert_states_equal(state, reference["state"], "resume after a corrupted checkpoint vs uninterrupted run")
+  state, _ = H.load_state(wd, N)
+  H.assert_states_equal(state, reference["state"], "resume after a corrupted checkpoint vs uninterrupted run")
 
 
 @uses("reference")
 def test_corrupt_latest_checkpoint_evaluate_refuses(chains, tmp_path):
   ref = _get(chains, "reference")
-  wd = R.copy_workdir(ref, tmp_path / "wd")
-  for f in R.state_data_files(wd, N):
-    R.truncate(f, 0.5)
+  wd = H.copy_workdir(ref, tmp_path / "wd")
+  for f in H.state_data_files(wd, N):
+    H.truncate(f, 0.5)
   out = tmp_path / "eval_out"
-  res = R.run_cli([R.REPO / "evaluate.py", f"--checkpoint={wd}", "--which=latest", "--ood=mnist",
+  res = H.run_cli([H.REPO / "evaluate.py", f"--checkpoint={wd}", "--which=latest", "--ood=mnist",
                    f"--output_dir={out}", "--max_examples=32", "--batch_size=32"])
-  line = R.assert_user_error(res, f"/{N} is corrupted", "truncated")
+  line = H.assert_user_error(res, f"/{N} is corrupted", "truncated")
   assert f"checkpoints/{N - 1}" in line, line  # and it names the earlier checkpoint to use instead
   assert not (out / "results.json").exists()
 
 
 def _drop_manifest(wd, step):
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   (wd / "checkpoints" / str(step) / ckpt.FILES_MANIFEST).unlink()
 
 
@@ -425,37 +394,36 @@ def test_garbled_checkpoint_never_loads_silently(chains, tmp_path):
   With the file manifest every garbling is refused before orbax reads anything; without it (a checkpoint killed
   between orbax's commit and the manifest) the arrays' checksum refuses what orbax would load silently.
   """
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   ref = _get(chains, "reference")
-  wd = R.copy_workdir(ref, tmp_path / "wd")
-  original, _ = R.load_state(wd, N)
-  files = R.state_data_files(wd, N)[:8]
+  wd = H.copy_workdir(ref, tmp_path / "wd")
+  original, _ = H.load_state(wd, N)
+  files = H.state_data_files(wd, N)[:8]
   for f in files:
-    saved = R.garble(f)
+    saved = H.garble(f)
     try:
       with pytest.raises(ckpt.CheckpointError, match=f"{f.name} does not match its checksum"):
-        R.load_state(wd, N)
+        H.load_state(wd, N)
       with pytest.raises(ckpt.CheckpointError, match="corrupted"):
-        ckpt.load_for_eval(str(wd), which="latest")
+        loading.load_for_eval(str(wd), which="latest")
     finally:
       f.write_bytes(saved)
   _drop_manifest(wd, N)
   outcomes = {}
   for f in files:
-    saved = R.garble(f)
+    saved = H.garble(f)
     try:
       try:
-        raw, _ = R.load_state(wd, N, verify=False)  # what orbax alone returns
+        raw, _ = H.load_state(wd, N, verify=False)  # what orbax alone returns
       except Exception:  # pylint: disable=broad-except
         outcomes[f.name] = "orbax error"
         continue
-      if not R.tree_diffs(raw, original):
+      if not H.tree_diffs(raw, original):
         outcomes[f.name] = "bytes not used"
         continue
       with pytest.raises(ckpt.CheckpointError, match="arrays do not match the checksum"):
-        R.load_state(wd, N)
+        H.load_state(wd, N)
       with pytest.raises(ckpt.CheckpointError, match="corrupted"):
-        ckpt.load_for_eval(str(wd), which="latest")
+        loading.load_for_eval(str(wd), which="latest")
       outcomes[f.name] = "state checksum"
     finally:
       f.write_bytes(saved)
@@ -467,24 +435,23 @@ def test_garbled_checkpoint_never_loads_silently(chains, tmp_path):
 @uses("reference")
 def test_garbled_latest_checkpoint_training_falls_back(chains, reference, tmp_path, caplog, manifest):
   """restore_latest_good (what training resumes with) warns about, sets aside and skips a garbled checkpoint."""
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   ref = _get(chains, "reference")
-  wd = R.copy_workdir(ref, tmp_path / "wd")
+  wd = H.copy_workdir(ref, tmp_path / "wd")
   if not manifest:
     _drop_manifest(wd, N)
-  for f in R.state_data_files(wd, N):  # a garbling that orbax alone would load as different values
-    saved = R.garble(f)
+  for f in H.state_data_files(wd, N):  # a garbling that orbax alone would load as different values
+    saved = H.garble(f)
     try:
-      raw, _ = R.load_state(wd, N, verify=False)
-      if R.tree_diffs(raw, reference["state"]):
+      raw, _ = H.load_state(wd, N, verify=False)
+      if H.tree_diffs(raw, reference["state"]):
         break
     except Exception:  # pylint: disable=broad-except
       pass
     f.write_bytes(saved)
   else:
     pytest.fail("no garbling changed the loaded values")
-  _, meta = R.load_state(ref, N)
-  abstract = R._abstract_state(R._model_key(meta["config"]))  # pylint: disable=protected-access
+  _, meta = H.load_state(ref, N)
+  abstract = H._abstract_state(H._model_key(meta["config"]))  # pylint: disable=protected-access
   manager = ckpt.make_manager(str(wd / "checkpoints"), keep=3)
   with caplog.at_level(logging.WARNING):
     step, state, _ = ckpt.restore_latest_good(manager, abstract)
@@ -493,8 +460,8 @@ def test_garbled_latest_checkpoint_training_falls_back(chains, reference, tmp_pa
              for r in caplog.records), [r.getMessage() for r in caplog.records]
   assert (wd / "checkpoints" / f"{N}.corrupt").is_dir()
   assert N not in manager.all_steps()
-  ref_prev, _ = R.load_state(ref, N - 1)
-  R.assert_states_equal(R.jax_to_numpy(state), ref_prev, "fallback state")
+  ref_prev, _ = H.load_state(ref, N - 1)
+  H.assert_states_equal(H.state_to_host(state), ref_prev, "fallback state")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,7 +470,7 @@ def test_garbled_latest_checkpoint_training_falls_back(chains, reference, tmp_pa
 
 def _nan_metrics(out):
   rows = {}
-  for row in R.read_jsonl(out["workdir"] / "metrics.jsonl"):
+  for row in H.read_jsonl(out["workdir"] / "metrics.jsonl"):
     if "train_loss" in row:
       rows[int(row["step"])] = row
   return rows
@@ -527,11 +494,11 @@ def test_nonfinite_updates_skipped_counted_and_training_continues(chains):
   assert m[7]["train_param_norm"] != m[6]["train_param_norm"]
   assert all(math.isfinite(r["train_param_norm"]) for r in m.values())
   wd = out["workdir"]
-  s3, _ = R.load_state(wd, 3)
-  s5, _ = R.load_state(wd, 5)
-  s8, _ = R.load_state(wd, 8)
-  R.assert_states_equal(s5.params, s3.params, "parameters across skipped updates")
-  assert R.all_finite(s8.params) and R.all_finite(s8.opt_state)
+  s3, _ = H.load_state(wd, 3)
+  s5, _ = H.load_state(wd, 5)
+  s8, _ = H.load_state(wd, 8)
+  H.assert_states_equal(s5.params, s3.params, "parameters across skipped updates")
+  assert H.all_finite(s8.params) and H.all_finite(s8.opt_state)
   assert int(s8.skipped) == 2 and int(s8.consecutive_skips) == 0
 
 
@@ -545,14 +512,14 @@ def test_consecutive_nonfinite_updates_stop_the_run(chains):
   assert "--config.optim.lr" in errors[0]  # the fix
   assert "Traceback" not in log
   wd = out["workdir"]
-  last = R.checkpoint_steps(wd)[-1]
+  last = H.checkpoint_steps(wd)[-1]
   assert last < 30, "the run did not stop"
   assert last == NAN_FROM - 1 + MAX_SKIPS + 1, last  # K skips counted, noticed one step later
   assert not (wd / "summary.json").exists()
-  final, _ = R.load_state(wd, last)
-  good, _ = R.load_state(wd, NAN_FROM - 1)
-  R.assert_states_equal(final.params, good.params, "parameters kept through the skipped updates")
-  assert R.all_finite(final.params)
+  final, _ = H.load_state(wd, last)
+  good, _ = H.load_state(wd, NAN_FROM - 1)
+  H.assert_states_equal(final.params, good.params, "parameters kept through the skipped updates")
+  assert H.all_finite(final.params)
   assert int(final.consecutive_skips) >= MAX_SKIPS
 
 
@@ -560,29 +527,19 @@ def test_consecutive_nonfinite_updates_stop_the_run(chains):
 # Workdir lock (in-process; the real two-trainer case is above)
 
 
-HOLDER = textwrap.dedent('''
-    import sys, time
-    from hvaeood import checkpoints
-    lock = checkpoints.WorkdirLock(sys.argv[1])
-    lock.acquire()
-    print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
-''')
-
-
 def test_workdir_lock_refusal_names_holder_pid(tmp_path):
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
-  holder = subprocess.Popen([R.PYTHON, "-c", HOLDER, str(tmp_path), "120"], env=R.cli_env(),
+  holder = subprocess.Popen([H.PYTHON, str(H.PROGRAMS / "lock_holder.py"), str(tmp_path), "120"],
+                            env=H.subprocess_env(),
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(ckpt.CheckpointError, match=rf"in use by process {holder.pid} on "):
-      ckpt.WorkdirLock(str(tmp_path)).acquire()
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   finally:
     holder.kill()
     holder.wait()
   # The holder died without releasing: its lock is now stale and is taken over.
-  lock = ckpt.WorkdirLock(str(tmp_path))
+  lock = workdir_lock.WorkdirLock(str(tmp_path))
   lock.acquire()
   assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
   lock.release()
@@ -590,10 +547,9 @@ def test_workdir_lock_refusal_names_holder_pid(tmp_path):
 
 
 def test_stale_lock_of_dead_pid_is_taken_over(tmp_path, caplog):
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
-  pid = R.dead_pid()
+  pid = H.dead_pid()
   (tmp_path / ".lock").write_text(f"{pid} {socket.gethostname()}\n")
-  lock = ckpt.WorkdirLock(str(tmp_path))
+  lock = workdir_lock.WorkdirLock(str(tmp_path))
   with caplog.at_level(logging.WARNING):
     lock.acquire()
   assert any(f"process {pid}" in r.getMessage() and "stale" in r.getMessage() for r in caplog.records)
@@ -601,30 +557,12 @@ def test_stale_lock_of_dead_pid_is_taken_over(tmp_path, caplog):
   lock.release()
 
 
-RACER = textwrap.dedent('''
-    import os, sys, time
-    from hvaeood import checkpoints
-    workdir, go = sys.argv[1], sys.argv[2]
-    print("ready", flush=True)
-    while not os.path.exists(go):
-      time.sleep(0.001)
-    lock = checkpoints.WorkdirLock(workdir)
-    try:
-      lock.acquire()
-    except checkpoints.CheckpointError as e:
-      print("refused", e, flush=True)
-      sys.exit(0)
-    print("won", flush=True)
-    time.sleep(3)
-    lock.release()
-''')
-
-
 def test_stale_lock_race_has_exactly_one_winner(tmp_path):
   """Several trainers restarting at once on a workdir with a stale lock: exactly one gets it."""
-  (tmp_path / ".lock").write_text(f"{R.dead_pid()} {socket.gethostname()}\n")
+  (tmp_path / ".lock").write_text(f"{H.dead_pid()} {socket.gethostname()}\n")
   go = tmp_path / "go"
-  procs = [subprocess.Popen([R.PYTHON, "-c", RACER, str(tmp_path), str(go)], env=R.cli_env(),
+  procs = [subprocess.Popen([H.PYTHON, str(H.PROGRAMS / "lock_racer.py"), str(tmp_path), str(go)],
+                            env=H.subprocess_env(),
                             stdout=subprocess.PIPE, text=True) for _ in range(4)]
   try:
     for p in procs:
@@ -652,7 +590,7 @@ def test_same_seed_gives_identical_first_losses(chains, reference):
   assert len(steps) >= 3 and steps[0] == 1
   for s in steps:
     assert fresh[s][0] == ref[s][0], (s, fresh[s], ref[s])
-  nan = R.train_losses(_get(chains, "nan")["workdir"])  # a third, identical until its first NaN batch
+  nan = H.train_losses(_get(chains, "nan")["workdir"])  # a third, identical until its first NaN batch
   for s in range(1, min(NAN_STEPS)):
     assert nan[s] == ref[s], (s, nan[s], ref[s])
 
@@ -662,7 +600,7 @@ def test_resumed_runs_log_the_same_losses(chains, reference):
   ref = reference["losses"]
   for name in ("kill", "sigterm", "corrupt"):
     wd = _get(chains, name)["workdir"]
-    for step, values in R.train_losses(wd).items():
+    for step, values in H.train_losses(wd).items():
       if step <= N:
         assert all(v == ref[step][0] for v in values), (name, step, values, ref[step])
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hvaeood import bounds
-from hvaeood import train
+from hvaeood import schedules
 
 # The paper / reference schedule: warm-up 200 epochs, free nats 2 for 200 epochs then annealed over 200.
 PAPER = dict(warmup_epochs=200.0, free_nats=2.0, free_nats_constant_epochs=200.0,
@@ -24,11 +24,11 @@ def _schedule_config(continuous=False, **overrides):
 
 
 def _beta(epoch):
-  return float(train.kl_beta(epoch, PAPER['warmup_epochs']))
+  return float(schedules.kl_beta(epoch, PAPER['warmup_epochs']))
 
 
 def _lam(epoch, continuous=False):
-  return float(train.free_nats(epoch, PAPER['free_nats'], PAPER['free_nats_constant_epochs'],
+  return float(schedules.free_nats(epoch, PAPER['free_nats'], PAPER['free_nats_constant_epochs'],
                                PAPER['free_nats_anneal_epochs'], continuous))
 
 
@@ -54,7 +54,7 @@ def test_free_nats_paper(epoch, lam):
 def test_free_nats_paper_is_the_reference_linspace():
   """Epochs 201..400 take exactly numpy.linspace(2, 0, 200), the reference's schedule."""
   epochs = np.arange(201, 401)
-  got = np.asarray(train.free_nats(jnp.asarray(epochs), 2.0, 200.0, 200.0, False))
+  got = np.asarray(schedules.free_nats(jnp.asarray(epochs), 2.0, 200.0, 200.0, False))
   np.testing.assert_allclose(got, np.linspace(2.0, 0.0, 200), rtol=1e-6, atol=1e-6)
   assert np.all(np.diff(got) < 0)
   np.testing.assert_allclose(-np.diff(got), 2.0 / 199, rtol=1e-4)
@@ -64,23 +64,23 @@ def test_epoch_of_step_discrete():
   """Discrete epochs are 1-based and step once per epoch, at its start."""
   for step, epoch in [(0, 1), (1, 1), (467, 1), (468, 2), (935, 2), (936, 3), (199 * SPE, 200),
                       (200 * SPE - 1, 200), (200 * SPE, 201), (400 * SPE - 1, 400), (400 * SPE, 401)]:
-    assert int(train.epoch_of_step(step, SPE, continuous=False)) == epoch, step
+    assert int(schedules.epoch_of_step(step, SPE, continuous=False)) == epoch, step
   # Also with traced (int32) steps, as inside the jitted train step.
   steps = jnp.array([0, 467, 468, 936], jnp.int32)
-  np.testing.assert_array_equal(jax.jit(lambda s: train.epoch_of_step(s, SPE, False))(steps), [1, 1, 2, 3])
+  np.testing.assert_array_equal(jax.jit(lambda s: schedules.epoch_of_step(s, SPE, False))(steps), [1, 1, 2, 3])
 
 
 def test_epoch_of_step_continuous():
-  np.testing.assert_allclose(float(train.epoch_of_step(0, SPE, True)), 0.0)
-  np.testing.assert_allclose(float(train.epoch_of_step(468, SPE, True)), 1.0)
-  np.testing.assert_allclose(float(train.epoch_of_step(234, SPE, True)), 0.5)
+  np.testing.assert_allclose(float(schedules.epoch_of_step(0, SPE, True)), 0.0)
+  np.testing.assert_allclose(float(schedules.epoch_of_step(468, SPE, True)), 1.0)
+  np.testing.assert_allclose(float(schedules.epoch_of_step(234, SPE, True)), 0.5)
 
 
 @pytest.mark.parametrize('jit', [False, True])
 def test_schedule_values_by_step_paper(jit):
   """(beta, lambda) as the train step gets them from the global step, at the epoch boundaries that matter."""
   config = _schedule_config()
-  fn = lambda s: train.schedule_values(s, config, SPE)
+  fn = lambda s: schedules.schedule_values(s, config, SPE)
   if jit:
     fn = jax.jit(fn)
   cases = {  # step -> (epoch, beta, lambda)
@@ -109,21 +109,21 @@ def test_schedule_values_continuous():
   cases = {  # step -> (beta, lambda)
       0: (0.0, 2.0), 25: (0.5, 2.0), 50: (1.0, 2.0), 60: (1.0, 1.6), 75: (1.0, 1.0), 90: (1.0, 0.4),
       100: (1.0, 0.0), 120: (1.0, 0.0)}
-  jitted = jax.jit(lambda s: train.schedule_values(s, config, spe))
+  jitted = jax.jit(lambda s: schedules.schedule_values(s, config, spe))
   for step, (beta, lam) in cases.items():
-    for b, l in (train.schedule_values(step, config, spe), jitted(jnp.asarray(step, jnp.int32))):
+    for b, l in (schedules.schedule_values(step, config, spe), jitted(jnp.asarray(step, jnp.int32))):
       assert float(b) == pytest.approx(beta, abs=1e-6), step
       assert float(l) == pytest.approx(lam, abs=1e-6), step
   # The paper's numbers in continuous form: halfway through the anneal is lambda / 2.
   assert _lam(300.0, continuous=True) == pytest.approx(1.0)
   assert _lam(200.0, continuous=True) == pytest.approx(2.0)
   assert _lam(400.0, continuous=True) == pytest.approx(0.0)
-  assert float(train.kl_beta(0.5, 200.0)) == pytest.approx(0.0025)
+  assert float(schedules.kl_beta(0.5, 200.0)) == pytest.approx(0.0025)
 
 
 def test_no_warmup_means_beta_one():
-  assert float(train.kl_beta(1, 0.0)) == 1.0
-  assert float(train.kl_beta(0, 0.0)) == 1.0
+  assert float(schedules.kl_beta(1, 0.0)) == 1.0
+  assert float(schedules.kl_beta(0, 0.0)) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

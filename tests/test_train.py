@@ -1,7 +1,7 @@
 """Training on real (offline) FashionMNIST with the tiny config: the jitted step, a short run, stop-and-resume.
 
-All tests use one config (helpers_train.tiny_config), so the data-dependent init, the train step and the
-evaluation compile once per session (persistent compilation cache, see helpers_train) and are reused by every
+All tests use one config (helpers.tiny_config), so the data-dependent init, the train step and the
+evaluation compile once per session (persistent compilation cache, see helpers) and are reused by every
 `train_and_evaluate` call here and in test_distributed.
 """
 
@@ -16,9 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-import helpers_train as H
+import helpers as H
 from hvaeood import checkpoints as ckpt
+from hvaeood import devices as hdev
 from hvaeood import input_pipeline
+from hvaeood import loading
+from hvaeood import schedules
+from hvaeood import state as state_lib
 from hvaeood import train
 
 
@@ -37,7 +41,7 @@ class _Direct:
 
   def __init__(self, data_dir):
     self.config = H.tiny_config(data_dir)
-    self.model = train.model_for_config(self.config)
+    self.model = state_lib.model_for_config(self.config)
     self.spe = input_pipeline.steps_per_epoch(self.config)
     it = input_pipeline.create_train_iterator(self.config, seed=self.config.seed)
     self.batches = [next(it)['image'] for _ in range(3)]
@@ -48,7 +52,7 @@ class _Direct:
                            wrap=lambda fn: chex.assert_max_traces(fn, n=1))
 
   def x(self, i):
-    return train.to_global(self.batches[i], self.data)
+    return hdev.to_global(self.batches[i], self.data)
 
   def fresh_state(self):
     return jax.device_put(self.state0, self.rep)
@@ -72,7 +76,7 @@ def test_one_step(direct):
   # Metric bookkeeping: ELBO = log p(x|z) - sum of the per-layer KLs, the step's schedule values.
   assert m['elbo'] == pytest.approx(m['log_px'] - m['kl'], rel=1e-5)
   assert m['kl'] == pytest.approx(sum(m[f'kl_z{i + 1}'] for i in range(3)), rel=1e-5)
-  beta, lam = train.schedule_values(0, direct.config, direct.spe)
+  beta, lam = schedules.schedule_values(0, direct.config, direct.spe)
   assert m['beta'] == pytest.approx(float(beta)) and m['free_nats'] == pytest.approx(float(lam))
   # With beta ~ 0 the loss is the reconstruction term.
   assert m['loss'] == pytest.approx(-m['log_px'], abs=1e-2)
@@ -124,7 +128,7 @@ def tiny_run(tfds_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
   config = H.tiny_config(tfds_data_dir, num_steps=RUN_STEPS, ood_datasets=('mnist',), checkpoint_every=10)
   traces = []
-  original = train.make_train_step
+  original = state_lib.make_train_step
 
   def counting_make_train_step(*args, **kwargs):
     fn = original(*args, **kwargs)
@@ -136,7 +140,7 @@ def tiny_run(tfds_data_dir, tmp_path_factory):
     return counted
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, 'make_train_step', counting_make_train_step)
+    mp.setattr(state_lib, 'make_train_step', counting_make_train_step)
     summary = train.train_and_evaluate(config, workdir)
   return config, workdir, summary, traces
 
@@ -167,11 +171,11 @@ def test_run_writes_checkpoints_config_summary_and_images(tiny_run):
   assert np.ptp(img) > 0  # not a blank image
   # The best checkpoint (chosen by default) loads for evaluation and is the state at step 30. The run kept no
   # EMA, so its raw parameters are what is evaluated, and said so, even though the EMA was not refused.
-  loaded = ckpt.load_for_eval(workdir)
+  loaded = loading.load_for_eval(workdir)
   assert loaded.step == RUN_STEPS and loaded.meta['step'] == RUN_STEPS
   assert loaded.which == 'best' and loaded.path == os.path.join(workdir, 'best', str(RUN_STEPS))
   assert loaded.parameters == 'raw'
-  assert ckpt.load_for_eval(workdir, which='latest').path == os.path.join(workdir, 'checkpoints', str(RUN_STEPS))
+  assert loading.load_for_eval(workdir, which='latest').path == os.path.join(workdir, 'checkpoints', str(RUN_STEPS))
 
 
 def test_run_loss_falls_and_schedule_is_applied(tiny_run):
@@ -189,7 +193,7 @@ def test_run_loss_falls_and_schedule_is_applied(tiny_run):
   # The logged beta and lambda of step s are the schedule at global step s - 1 (the step's own state.step).
   spe = input_pipeline.steps_per_epoch(config)
   for r in rows:
-    beta, lam = train.schedule_values(r['step'] - 1, config, spe)
+    beta, lam = schedules.schedule_values(r['step'] - 1, config, spe)
     assert r['train_beta'] == pytest.approx(float(beta), rel=1e-5, abs=1e-12)
     assert r['train_free_nats'] == pytest.approx(float(lam), rel=1e-5)
   evals = [r for r in H.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'eval_elbo' in r]
@@ -257,7 +261,7 @@ def test_stop_and_resume_continues_the_same_run(tiny_run, tmp_path):
   assert sb['train_seconds'] > s1['train_seconds']  # the resumed run added to the restored training time
 
   assert sorted(os.listdir(os.path.join(wd_b, 'checkpoints')), key=int) == ['10', '20', '30']
-  abstract = train.abstract_train_state(config)
+  abstract = state_lib.abstract_train_state(config)
   for step in (10, 20, 30):
     state_a, meta_a = _restore_state(wd_a, step, abstract)
     state_b, meta_b = _restore_state(wd_b, step, abstract)
@@ -318,7 +322,7 @@ def test_loss_and_ema_through_warmup_free_nats_anneal_and_zero(tfds_data_dir):
   2 (1 - (t-2)/4), 0 from t = 6; KL floored per element at lambda/n_l while lambda > 0, the raw KL after), and the
   EMA follows e <- 0.5 e + 0.5 p after every update."""
   config, spe = _phase_config(tfds_data_dir)
-  model = train.model_for_config(config)
+  model = state_lib.model_for_config(config)
   it = input_pipeline.create_train_iterator(config, seed=config.seed)
   batches = [next(it)['image'] for _ in range(8)]
   devices = jax.devices()[:1]
@@ -330,7 +334,7 @@ def test_loss_and_ema_through_warmup_free_nats_anneal_and_zero(tfds_data_dir):
   for t, x in enumerate(batches):
     before = H.state_to_host(state)
     out = jax.device_get(forward(before.params, x, jax.random.fold_in(before.rng, t)))
-    state, m = step(state, train.to_global(x, data))
+    state, m = step(state, hdev.to_global(x, data))
     after = H.state_to_host(state)
     beta = min(t / 4, 1.0)
     lam = 2.0 if t <= 2 else max(2.0 * (1 - (t - 2) / 4), 0.0)

@@ -1,4 +1,4 @@
-"""BIVA, the bidirectional-inference hierarchical VAE (Maaløe et al. 2019) as ported to the paper's code (SPEC 1.7).
+"""BIVA, the bidirectional-inference hierarchical VAE (Maaløe et al. 2019) as ported to the paper's code.
 
 Graph, L stages; stage l < L holds two Gaussian latents z_l = (z_l^TD, z_l^BU), the top stage one latent z_L:
 
@@ -13,17 +13,17 @@ Graph, L stages; stage l < L holds two Gaussian latents z_l = (z_l^TD, z_l^BU), 
   d_l = Dec_l(Proj(concat(z^TD_l, z^BU_l)), skips = block outputs of Dec_{l+1}); p(x | z) = Likelihood(d_1).
 * KL: the single-sample MC estimate log q - log p for both latents of every intermediate stage and for z_L.
 
-Choices against the reference port (SPEC 1.7) and why:
+Choices against the reference port and why:
 
 * Top merge: the reference's residual *truncates* the 2C concatenated channels to the first C (the BU half);
   this keeps that truncation (the `ResBlock` residual does it), so the TD half enters through the block's convs.
 * The TD encoders' aux (h^BU_l) and the merges' aux (d_{l+1}) are always added, also when shapes match. The
-  reference's ResBlock drops an identically shaped aux [QUIRK], which would leave the TD path of every stride-1
-  stage blind to the BU path and make q(z^TD) ignore the generative state entirely; the HVAE's ladder merges
+  reference's ResBlock drops an identically shaped aux (docs/design.md §7), which would leave the TD path of every
+  stride-1 stage blind to the BU path and make q(z^TD) ignore the generative state entirely; the HVAE's ladder merges
   make the same choice. Decoder skips follow `aux_identity_add` like the HVAE (default: dropped when shaped
   like conv1's output, as the reference).
 * Decoders use the encoder's blocks reversed (biva-pytorch; the port's non-reversed intermediate decoder is a
-  [QUIRK]). There is no inference skip into the BU path (the port's inverted flag turns it off), no
+  known bug of the port). There is no inference skip into the BU path (the port's inverted flag turns it off), no
   conditional-BU prior (broken in the port), ReLU everywhere, no gating, no dropout.
 
 L^{>k} counts *stages*: replica r with n_skip[r] = k uses the posterior means of z^BU_1..z^BU_k on the BU

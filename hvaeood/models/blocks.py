@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hvaeood import distributions as D
-from hvaeood.layers import ConvPolicy, ResBlock, WNConv, WNDense
+from hvaeood.layers import CONV_IMPLS, ConvPolicy, ResBlock, WNConv, WNDense
 
 Array = jax.Array
 
@@ -181,6 +181,11 @@ class ModelFields:
   conv: ConvPolicy
 
 
+# config.model fields that choose how the model runs, not what it computes: a checkpoint may be resumed or
+# evaluated with other values (e.g. on another backend).
+EXECUTION_FIELDS = ("conv_impl", "conv_chunk_bytes")
+
+
 def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int], *, min_stages: int = 1,
                        why_min: str = "") -> ModelFields:
   """Validates the stage fields and the likelihood of `config.model` for images of shape (H, W, C).
@@ -192,6 +197,29 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
   Raises:
     ValueError: naming the offending field and how to fix it.
   """
+  image_shape = tuple(int(s) for s in image_shape)
+  stages = _parse_stages(model_cfg, image_shape, min_stages, why_min)
+  if model_cfg.likelihood not in D.LIKELIHOODS:
+    raise field_error("likelihood", f"unknown likelihood {model_cfg.likelihood!r}",
+                      f"choose one of {sorted(D.LIKELIHOODS)}")
+  if model_cfg.likelihood == "dlm" and image_shape[-1] != 3:
+    raise field_error("likelihood", f"'dlm' needs RGB images but the data has shape {image_shape}",
+                      "use an RGB dataset, or 'bernoulli' for binarised grayscale data")
+  dtype = str(model_cfg.get("compute_dtype", "float32"))
+  if dtype not in COMPUTE_DTYPES:
+    raise field_error("compute_dtype", f"{dtype!r} is not supported", f"choose one of {COMPUTE_DTYPES}")
+  impl = str(model_cfg.get("conv_impl", "auto"))
+  if impl not in CONV_IMPLS:
+    raise field_error("conv_impl", f"{impl!r} is not a convolution implementation",
+                      "choose 'auto' (the CPU rewrites on CPU only), 'fast' or 'plain'")
+  chunk = model_cfg.get("conv_chunk_bytes", None)
+  conv = ConvPolicy.from_name(impl, None if chunk is None else int(chunk))
+  return ModelFields(image_shape, stages, str(model_cfg.likelihood), int(model_cfg.get("nr_mix", 10)),
+                     bool(model_cfg.get("aux_identity_add", False)), dtype, conv)
+
+
+def _parse_stages(model_cfg, image_shape, min_stages: int, why_min: str) -> tuple[StageSpec, ...]:
+  """The validated StageSpec of every stage; strides must keep dividing the feature map."""
   n = len(model_cfg.kernels)
   if n < min_stages:
     raise field_error("kernels", f"{n} stage(s) given but the model needs at least {min_stages}{why_min}",
@@ -201,7 +229,6 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
     if len(model_cfg[name]) != n:
       raise field_error(name, f"{len(model_cfg[name])} entries but config.model.kernels has {n}",
                         "give one entry per stage")
-  image_shape = tuple(int(s) for s in image_shape)
   h, w = image_shape[0], image_shape[1]
   stages = []
   for i in range(n):
@@ -229,23 +256,7 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
                         "use a positive latent dimension")
     stages.append(StageSpec(int(model_cfg.kernels[i]), tuple(int(c) for c in chans), tuple(int(s) for s in strides),
                             str(model_cfg.latent_types[i]), int(model_cfg.latent_dims[i])))
-  if model_cfg.likelihood not in D.LIKELIHOODS:
-    raise field_error("likelihood", f"unknown likelihood {model_cfg.likelihood!r}",
-                      f"choose one of {sorted(D.LIKELIHOODS)}")
-  if model_cfg.likelihood == "dlm" and image_shape[-1] != 3:
-    raise field_error("likelihood", f"'dlm' needs RGB images but the data has shape {image_shape}",
-                      "use an RGB dataset, or 'bernoulli' for binarised grayscale data")
-  dtype = str(model_cfg.get("compute_dtype", "float32"))
-  if dtype not in COMPUTE_DTYPES:
-    raise field_error("compute_dtype", f"{dtype!r} is not supported", f"choose one of {COMPUTE_DTYPES}")
-  impl = str(model_cfg.get("conv_impl", "auto"))
-  if impl not in ("auto", "fast", "plain"):
-    raise field_error("conv_impl", f"{impl!r} is not a convolution implementation",
-                      "choose 'auto' (the CPU rewrites on CPU only), 'fast' or 'plain'")
-  chunk = model_cfg.get("conv_chunk_bytes", None)
-  conv = ConvPolicy.from_name(impl, None if chunk is None else int(chunk))
-  return ModelFields(image_shape, tuple(stages), str(model_cfg.likelihood), int(model_cfg.get("nr_mix", 10)),
-                     bool(model_cfg.get("aux_identity_add", False)), dtype, conv)
+  return tuple(stages)
 
 
 def build_likelihood(spec) -> nn.Module:

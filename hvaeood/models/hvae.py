@@ -1,6 +1,6 @@
 """The paper's hierarchical VAE (bottom-up inference, top-down generation) and its ladder variant.
 
-Graph (SPEC 1.1-1.3), L stages, stage l holding an encoder Enc_l (residual blocks), one Gaussian latent z_l
+Graph (docs/design.md §2), L stages, stage l holding an encoder Enc_l (residual blocks), one Gaussian latent z_l
 and a decoder Dec_l (the encoder's blocks reversed, upsampling):
 
 * inference ("bottom_up", the paper's HVAE): h_l = Enc_l(u_l), u_1 = x, u_l = Proj^q(z_{l-1});
