@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from clu import periodic_actions
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hvaeood import bounds
@@ -30,7 +29,6 @@ from hvaeood import checkpoints as ckpt
 from hvaeood import datasets_info
 from hvaeood import devices
 from hvaeood import io_utils
-from hvaeood import logging_utils
 from hvaeood import ood_metrics
 from hvaeood import plots
 from hvaeood import run_control
@@ -248,6 +246,7 @@ def _restore(config, workdir: str, manager, replicated) -> Optional[tuple]:
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   """Mesh, model, checkpoints (resumed if any), the jitted step, the data, the writer and the image grids."""
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel  (TensorFlow, imported late)
+  from hvaeood import logging_utils  # pylint: disable=import-outside-toplevel  (CLU imports TensorFlow)
   mesh = devices.make_mesh()
   batch = config.train.batch_size
   padded = state_lib.check_batch(batch, mesh)
@@ -283,6 +282,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from clu import periodic_actions  # pylint: disable=import-outside-toplevel  (CLU imports TensorFlow)
   run = _setup(config, workdir)
   report = periodic_actions.ReportProgress(num_train_steps=run.num_steps, writer=run.writer, every_secs=60.0)
   with run_control.Preemption() as preempt:

@@ -112,3 +112,11 @@ def test_tensorflow_is_imported_only_by_the_input_modules():
       if any(n.split(".")[0] in ("tensorflow", "tensorflow_datasets") for n in names):
         found.add(name)
   assert found == {"hvaeood.input_pipeline", "hvaeood.data_import"}
+
+
+def test_only_the_input_modules_and_the_metric_writers_start_tensorflow():
+  """TensorFlow (also imported by CLU's writers) loads only with input_pipeline and logging_utils."""
+  lazy = [m for m in MODULES if m != "logging_utils"] + ["data_import"]  # MODULES has no input_pipeline
+  code = "; ".join(f"import hvaeood.{m}" for m in lazy) + "; import sys; print('tensorflow' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert out.stdout.strip().splitlines()[-1] == "False"
