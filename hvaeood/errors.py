@@ -11,3 +11,7 @@ class CheckpointMismatchError(CheckpointError):
 
 class TrainingError(RuntimeError):
   """A run that cannot continue (e.g. too many consecutive skipped updates); the message says why."""
+
+
+class DataSourceError(ValueError):
+  """An image source (folder, array file, tfds: spec) that cannot be read; the message names it and the fix."""

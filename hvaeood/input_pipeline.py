@@ -37,6 +37,14 @@ stateless shuffle here permutes blocks of `config.data.shuffle_buffer`
 consecutive examples; a buffer >= the split size (or 0/None) is a full uniform
 permutation per epoch, which is what all datasets here use by default.
 
+Evaluation pipeline (`create_eval_dataset` for a registry dataset,
+`create_eval_dataset_from_array` for images already in memory, e.g. from
+`hvaeood.image_sources`): the first N examples in file order, contiguous
+per-host slices, zero padding to whole batches of one static shape, noise keyed
+by (seed, set name, split, example index). Every batch also carries
+`png_bits`, the PNG length in bits of each image as the model scores it (the
+input complexity of Serra et al. 2020).
+
 TF is kept off accelerators (JAX owns them). JAX is not imported here.
 """
 
@@ -102,16 +110,21 @@ def example_seed(seed: Any, stream: int, epoch: Any, index: Any) -> tf.Tensor:
       epoch_key(seed, stream, epoch), tf.cast(index, tf.int64))
 
 
-def eval_noise_key(seed: Any, dataset: str, split: str) -> tf.Tensor:
-  """Stateless-RNG key (int64 [2]) of the evaluation noise of one split of one dataset.
+def noise_key(seed: Any, name: str, split: str) -> tf.Tensor:
+  """Stateless-RNG key (int64 [2]) of the evaluation noise of split `split` of the set called `name` (as given).
 
-  The dataset's registry name and the split are folded in, so example i of the
-  in-distribution test set, of its train split and of every OOD set get
-  independent binarisation/dequantisation noise under the same seed.
+  The name and the split are folded in, so example i of the in-distribution
+  test set, of its train split and of every OOD set get independent
+  binarisation/dequantisation noise under the same seed.
   """
-  tag = zlib.crc32(f'{get_dataset_info(dataset).name}:{split}'.encode())
+  tag = zlib.crc32(f'{name}:{split}'.encode())
   return tf.random.experimental.stateless_fold_in(
       epoch_key(seed, _EVAL_STREAM, 0), tf.constant(tag & 0x7FFFFFFF, tf.int64))
+
+
+def eval_noise_key(seed: Any, dataset: str, split: str) -> tf.Tensor:
+  """`noise_key` of a registry dataset, under its registry name (aliases resolved)."""
+  return noise_key(seed, get_dataset_info(dataset).name, split)
 
 
 def _luminance(x: tf.Tensor) -> tf.Tensor:
@@ -183,20 +196,25 @@ def preprocess_image(image: tf.Tensor, kind: str, seed: tf.Tensor | None,
 def preprocess_numpy(images: np.ndarray, kind: str, *, seed: int,
                      epoch: int = 0, indices: Sequence[int] | None = None,
                      stream: int = _EVAL_STREAM, dataset: str | None = None,
-                     split: str = 'test') -> np.ndarray:
+                     split: str = 'test', name: str | None = None
+                     ) -> np.ndarray:
   """`preprocess_image` on a numpy uint8 batch [N, H, W, C] (for tools/tests).
 
   Example i gets the seed of (seed, stream, epoch, indices[i]); with
   `dataset` (and `split`) it gets the evaluation key of that split instead
   (`eval_noise_key`), which equals what `create_eval_dataset` gives example
-  indices[i] of it.
+  indices[i] of it; with `name` (and `split`) the key `noise_key` gives that
+  name, as `create_eval_dataset_from_array` does.
   """
   images = np.asarray(images)
   if indices is None:
     indices = np.arange(len(images))
   indices = tf.constant(np.asarray(indices, np.int64))
-  key = (eval_noise_key(seed, dataset, split) if dataset is not None
-         else epoch_key(seed, stream, epoch))
+  if name is not None:
+    key = noise_key(seed, name, split)
+  else:
+    key = (eval_noise_key(seed, dataset, split) if dataset is not None
+           else epoch_key(seed, stream, epoch))
 
   def one(args):
     img, idx = args
@@ -455,6 +473,77 @@ def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
   return _tfds_split(info, _builder(info, data_dir), split, data_dir)[1]
 
 
+def png_bits(image8: tf.Tensor) -> tf.Tensor:
+  """float32 scalar: 8 x the byte length of `tf.io.encode_png(image8, compression=9)`.
+
+  The input complexity L(x) of Serra et al. (ICLR 2020), in bits, of a uint8
+  [H, W, C] image (C in {1, 3}).
+  """
+  encoded = tf.io.encode_png(image8, compression=9)
+  return 8.0 * tf.cast(tf.strings.length(encoded), tf.float32)
+
+
+def _scored_uint8(image: tf.Tensor, x: tf.Tensor, kind: str,
+                  info: DatasetInfo) -> tf.Tensor:
+  """The image as the model scores it, at 8 bits (what `png_bits` encodes).
+
+  'binarize': the binarised x times 255; otherwise the uint8 source image
+  after the source transform, and after the colour transform (rounded to
+  k/255) where the dataset has one.
+  """
+  if kind == 'binarize':
+    return tf.cast(x * 255.0, tf.uint8)
+  if info.colour_transform is None:
+    return image
+  y = _apply_colour(tf.cast(image, tf.float32) / 255.0, info.colour_transform,
+                    info.shape[-1])
+  return tf.cast(tf.round(y * 255.0), tf.uint8)
+
+
+def _eval_slice(n: int, max_examples: int | None, local_batch: int,
+                process_index: int, process_count: int, what: str
+                ) -> tuple[int, int, int]:
+  """(start, end, padding rows) of this host's part of the first n examples."""
+  if max_examples is not None:
+    n = min(n, int(max_examples))
+  if n <= 0:
+    raise ValueError(f'No examples to evaluate in {what} '
+                     f'(max_examples={max_examples}).')
+  start, end = _host_range(n, process_index, process_count)
+  num_batches = math.ceil(math.ceil(n / process_count) / local_batch)
+  num_padding = num_batches * local_batch - (end - start)
+  assert num_padding >= 0, (num_padding, start, end, n)
+  return start, end, num_padding
+
+
+def _eval_batches(examples: tf.data.Dataset, info: DatasetInfo, kind: str,
+                  key: tf.Tensor, local_batch: int, num_padding: int
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Preprocessed examples (dict(index, image, label)), zero padding, batches."""
+  preprocess = _make_preprocess_fn(info, kind)
+
+  def one(ex):
+    x = preprocess(ex, key)
+    return {'image': x, 'label': ex['label'], 'mask': tf.constant(True),
+            'png_bits': png_bits(_scored_uint8(ex['image'], x, kind, info))}
+
+  ds = examples.map(one, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros(info.shape, tf.float32),
+      'label': tf.constant(-1, tf.int32),
+      'mask': tf.constant(False),
+      'png_bits': tf.constant(0.0, tf.float32)}).repeat(num_padding)
+  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
+  return _numpy_iterator(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _eval_batch_size(batch_size: int) -> int:
+  if int(batch_size) <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+  return int(batch_size)
+
+
 def create_eval_dataset(name: str, split: str, *, preprocessing: str,
                         batch_size: int, seed: int,
                         max_examples: int | None = None,
@@ -474,11 +563,11 @@ def create_eval_dataset(name: str, split: str, *, preprocessing: str,
     split: 'train', 'test', 'validation' (the reference's meaning) or a TFDS
       split name.
     preprocessing: one of `PREPROCESSING_KINDS`.
-    batch_size: examples per yielded batch, on each host (per-host batch;
-      the global eval batch is batch_size * process_count).
+    batch_size: examples per yielded batch, on each host (the global eval
+      batch is batch_size * process_count).
     seed: seed of the binarisation/dequantisation noise; the same seed gives
-      the same data, use a new seed for a fresh draw. The dataset and split
-      are folded into it (`eval_noise_key`): different sets never share noise.
+      the same data. The dataset and split are folded into it
+      (`eval_noise_key`): different sets never share noise.
     max_examples: cap on the number of examples (None = whole split).
     data_dir: TFDS data_dir (None = TFDS default).
     process_index, process_count: this host and the number of hosts.
@@ -487,37 +576,68 @@ def create_eval_dataset(name: str, split: str, *, preprocessing: str,
   Returns:
     (iterator, num_examples): the iterator yields dict(image=float32
     [batch_size, H, W, C], label=int32 (-1 for padding), mask=bool, True for
-    real examples); num_examples is the number of real examples on this host.
+    real examples, png_bits=float32: `png_bits` of the image as the model
+    scores it at 8 bits (`_scored_uint8`), 0 for padding); num_examples is
+    the number of real examples on this host.
   """
   info = get_dataset_info(name)
   kind = _check_kind(preprocessing)
   if target_shape is not None:
     check_image_shape(name, target_shape)
-  local_batch = int(batch_size)
-  if local_batch <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+  local_batch = _eval_batch_size(batch_size)
   builder = _builder(info, data_dir)
   tfds_split, n = _tfds_split(info, builder, split, data_dir)
-  if max_examples is not None:
-    n = min(n, int(max_examples))
-  if n <= 0:
-    raise ValueError(f'No examples to evaluate in {name}:{split} '
-                     f'(max_examples={max_examples}).')
-  start, end = _host_range(n, process_index, process_count)
-  num_batches = math.ceil(math.ceil(n / process_count) / local_batch)
-  num_padding = num_batches * local_batch - (end - start)
-  assert num_padding >= 0, (num_padding, start, end, n)
-
-  preprocess = _make_preprocess_fn(info, kind)
+  start, end, num_padding = _eval_slice(
+      n, max_examples, local_batch, process_index, process_count,
+      f'{name}:{split}')
+  examples = _read(info, builder, tfds_split, start, end, data_dir)
   key = eval_noise_key(seed, name, split)
-  ds = _read(info, builder, tfds_split, start, end, data_dir).map(
-      lambda ex: {'image': preprocess(ex, key), 'label': ex['label'],
-                  'mask': tf.constant(True)},
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros(info.shape, tf.float32),
-      'label': tf.constant(-1, tf.int32),
-      'mask': tf.constant(False)}).repeat(num_padding)
-  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return _numpy_iterator(ds), end - start
+  return (_eval_batches(examples, info, kind, key, local_batch, num_padding),
+          end - start)
+
+
+def create_eval_dataset_from_array(
+    images: np.ndarray, name: str, split: str, *, preprocessing: str,
+    batch_size: int, seed: int, max_examples: int | None = None,
+    process_index: int = 0, process_count: int = 1,
+    labels: np.ndarray | None = None
+) -> tuple[Iterator[dict[str, np.ndarray]], int]:
+  """`create_eval_dataset` for images already in memory (`image_sources.load`).
+
+  The same host slicing, padding, batches and per-example preprocessing, with
+  the noise key `noise_key(seed, name, split)`: for a registry key as `name`
+  and that dataset's images, the batches equal `create_eval_dataset`'s.
+
+  Args:
+    images: uint8 [N, H, W, C], in the model's shape, in file order.
+    name: the set's name (folded into the noise key as given).
+    split: the split's name (folded into the noise key).
+    preprocessing, batch_size, seed, max_examples, process_index,
+      process_count: as for `create_eval_dataset`.
+    labels: int [N] labels (None: -1, unlabelled).
+
+  Returns:
+    (iterator, num_examples) as `create_eval_dataset`; no colour transform
+    applies, so png_bits encodes the uint8 image as given (binarised x 255
+    for 'binarize').
+  """
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f'{name}: images must be uint8 [N, H, W, C], got '
+                     f'{images.dtype} {images.shape}.')
+  kind = _check_kind(preprocessing)
+  local_batch = _eval_batch_size(batch_size)
+  start, end, num_padding = _eval_slice(
+      len(images), max_examples, local_batch, process_index, process_count,
+      f'{name}:{split}')
+  labels = (np.full(len(images), -1) if labels is None else np.asarray(labels))
+  if labels.shape != images.shape[:1]:
+    raise ValueError(f'{name}: {labels.shape} labels for {len(images)} images.')
+  examples = tf.data.Dataset.from_tensor_slices({
+      'index': np.arange(start, end, dtype=np.int64),
+      'image': images[start:end],
+      'label': labels[start:end].astype(np.int32)})
+  info = DatasetInfo(name, '', {}, tuple(images.shape[1:]),
+                     images.shape[-1] == 1, kind)
+  return (_eval_batches(examples, info, kind, noise_key(seed, name, split),
+                        local_batch, num_padding), end - start)

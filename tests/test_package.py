@@ -14,9 +14,9 @@ _AFTER = ("import os, sys, logging, hvaeood{imports}{call}; "
           "print(repr((os.environ.get('XLA_FLAGS'), sys.excepthook is sys.__excepthook__, "
           "sys.unraisablehook is sys.__unraisablehook__, len(logging.getLogger('asyncio').filters))))")
 MODULES = ("bounds", "checkpoints", "cli", "datasets_info", "devices", "distributions", "errors", "evaluate",
-           "integrity", "io_utils", "layers", "loading", "logging_utils", "models", "models.biva", "models.blocks",
-           "models.hvae", "ood_metrics", "ood_scores", "plots", "run_control", "schedules", "scoring", "state", "train",
-           "workdir_lock")
+           "image_sources", "integrity", "io_utils", "layers", "loading", "logging_utils", "models", "models.biva",
+           "models.blocks", "models.hvae", "ood_metrics", "ood_scores", "plots", "run_control", "schedules",
+           "scoring", "state", "train", "workdir_lock")
 
 
 def _after(call: bool, imports: bool = False, **env_over):
@@ -68,7 +68,7 @@ LAYERS = (
      "hvaeood.devices", "hvaeood.run_control", "hvaeood.logging_utils", "hvaeood.ood_metrics", "hvaeood.ood_scores",
      "hvaeood.layers", "hvaeood.data_import"),
     ("hvaeood.distributions", "hvaeood.plots", "hvaeood.integrity", "hvaeood.workdir_lock",
-     "hvaeood.input_pipeline"),
+     "hvaeood.input_pipeline", "hvaeood.image_sources"),
     ("hvaeood.models.blocks", "hvaeood.checkpoints"),
     ("hvaeood.models.hvae", "hvaeood.models.biva"),
     ("hvaeood.models",),
@@ -101,6 +101,7 @@ def test_every_module_imports_only_lower_layers():
 
 
 def test_tensorflow_is_imported_only_by_the_input_modules():
+  """image_sources imports tensorflow_datasets only inside the function that reads a tfds: source."""
   import ast  # pylint: disable=import-outside-toplevel
   found = set()
   for name, path in _code_report().modules().items():
@@ -111,7 +112,7 @@ def test_tensorflow_is_imported_only_by_the_input_modules():
                else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
       if any(n.split(".")[0] in ("tensorflow", "tensorflow_datasets") for n in names):
         found.add(name)
-  assert found == {"hvaeood.input_pipeline", "hvaeood.data_import"}
+  assert found == {"hvaeood.input_pipeline", "hvaeood.data_import", "hvaeood.image_sources"}
 
 
 def test_only_the_input_modules_and_the_metric_writers_start_tensorflow():
