@@ -1,6 +1,7 @@
 """Evaluates a trained checkpoint for OOD detection and writes the paper's table.
 
   python evaluate.py --checkpoint WORKDIR --ood mnist --output_dir OUT [--iw_samples 1000] [--k 1,2]
+  python evaluate.py --checkpoint WORKDIR --ood mnist,path/to/pngs,letters.npz,tfds:emnist/letters --output_dir OUT
 
 PATH is a training workdir (its best checkpoint, i.e. the best in-distribution test ELBO seen during training, as
 the reference evaluates; the latest where no best was saved, or with --which=latest) or one checkpoint step
@@ -15,7 +16,13 @@ from absl import app, flags
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint step directory (required).")
 _WHICH = flags.DEFINE_string("which", None, "For a workdir: 'best' or 'latest' checkpoint (default: best where "
                              "the workdir has one, else latest).")
-_OOD = flags.DEFINE_list("ood", None, "OOD datasets, e.g. mnist,kmnist (default: the config's eval.ood_datasets).")
+_OOD = flags.DEFINE_list("ood", None, "OOD sets, comma-separated: dataset names (mnist,kmnist), folders of PNG/JPEG "
+                         "images, .npy/.npz files of uint8 images (FILE.npz:KEY) or tfds:NAME[/CONFIG][:SPLIT] "
+                         "(default: the config's eval.ood_datasets).")
+_RESIZE = flags.DEFINE_bool("resize", False, "Resize folder/array/tfds OOD images of another size to the model's "
+                            "(PIL bilinear); without it another size is an error.")
+_FIT_EXAMPLES = flags.DEFINE_integer("fit_examples", 10_000, "Examples of the in-distribution train split that the "
+                                     "fitted scores (typicality, DoSE, fisher) are fitted on; 0: none.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for the outputs (required).")
 _IW = flags.DEFINE_integer("iw_samples", 1, "Importance samples S of the ELBO.")
 _IW_K = flags.DEFINE_integer("iw_samples_k", 1, "Importance samples S_k of each L^{>k}.")
@@ -62,7 +69,7 @@ def main(argv):
         iw_samples_k=_IW_K.value, ks=_ints(_K.value, "k"), split=_SPLIT.value, max_examples=_MAX_EXAMPLES.value,
         batch_size=_BATCH.value, seed=_SEED.value, data_dir=_DATA_DIR.value, max_rows=_MAX_ROWS.value,
         use_ema=not _NO_EMA.value, prior_sample=_PRIOR_SAMPLE.value, train_reference=_TRAIN_REFERENCE.value,
-        precision=_PRECISION.value)
+        precision=_PRECISION.value, fit_examples=_FIT_EXAMPLES.value, resize=_RESIZE.value)
 
   cli.run_guarded(run)
 

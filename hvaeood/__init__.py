@@ -8,6 +8,15 @@ logging filter or interpreter hook. TensorFlow is imported only by `hvaeood.inpu
 import os as _os
 
 __version__ = "0.1.0"
+__all__ = ["OODDetector", "set_xla_cpu_defaults"]
+
+
+def __getattr__(name: str):
+  """`hvaeood.OODDetector`, imported on first use (so that `import hvaeood` stays light)."""
+  if name == "OODDetector":
+    from hvaeood.detector import OODDetector  # pylint: disable=import-outside-toplevel
+    return OODDetector
+  raise AttributeError(f"module 'hvaeood' has no attribute {name!r}")
 
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 

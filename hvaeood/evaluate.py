@@ -6,10 +6,22 @@ second, independently re-drawn pass of it (the sanity row) and each OOD set, and
 
 * `scores.npz`   per-example raw scores, keys `<dataset>/<score>`: `ELBO` (importance-weighted with S samples),
                  `L>k`, `LLR>k` (every requested k, including k = 0), `log_px` (averaged over the ELBO's S
-                 samples) and `kl` ([N, L] per-layer KL, same averaging). Nats; not sign-flipped.
+                 samples) and `kl` ([N, L] per-layer KL, same averaging), in nats, not sign-flipped; `png_bits`
+                 (the PNG length of each scored image, bits) and the suite's scores below (oriented).
 * `roc.png`, `hist.png`  ROC curves per OOD set; histograms of the raw scores in vs OOD.
 * `results.md`   the paper-style table (AUROC / AUPRC / FPR80 per OOD set, one row per score) and the settings.
 * `results.json` written last, so a directory without it holds no finished run.
+
+OOD sets (`ood`): registry names as before, or any source `image_sources.parse` accepts (a folder of PNG/JPEG
+images, an .npy/.npz file of uint8 images, `tfds:NAME[/CONFIG][:SPLIT]`), read in full before anything is
+written, converted by its stated rules (`resize` only when asked) and preprocessed as the in-distribution data;
+a folder or file is named by its base name in the tables, and its noise is keyed by that name and `split`.
+
+The score suite (`ood_scores`): besides ELBO, L>k and LLR>k, every table has `input_complexity` (Serra et al.
+2020: the ELBO's bits/dim minus the PNG length in bits/dim) and, with `fit_examples` > 0, the scores fitted on the
+first `fit_examples` examples of the in-distribution *train* split (never the evaluated split): `typicality`,
+`DoSE` and `fisher`. The fit pass, `"<in> (fit)"`, is scored like the others (its raw scores are in scores.npz)
+but is no row of the table.
 
 Metrics (the paper's protocol): OOD is the positive class; every score is oriented so that higher means more
 OOD: `LLR>k` as is, `ELBO` and `L>k` negated. Both sides are subsampled to equal size with a seeded generator.
@@ -49,9 +61,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hvaeood import bounds
 from hvaeood import datasets_info
 from hvaeood import devices
+from hvaeood import image_sources
 from hvaeood import io_utils
 from hvaeood import loading
 from hvaeood import ood_metrics
+from hvaeood import ood_scores
 from hvaeood import plots
 from hvaeood import scoring
 from hvaeood import state as state_lib
@@ -64,6 +78,7 @@ SCORES_NPZ = "scores.npz"
 ROC_PNG = "roc.png"
 HIST_PNG = "hist.png"
 SANITY_SUFFIX = " (sanity)"
+FIT_SUFFIX = " (fit)"
 TRAIN_SUFFIX = " (train split)"
 LK_MODES = {False: "conditional-prior mean (reference)", True: "conditional-prior sample (paper)"}
 
@@ -79,7 +94,8 @@ def _resolve_dataset(name: str, model_shape: tuple[int, ...]) -> str:
   return canonical
 
 
-def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision):
+def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision,
+                fit_examples):
   if which is not None and which not in loading.WHICH:
     raise ValueError(f"--which must be 'best' or 'latest' (or unset: best where the workdir has one), got "
                      f"{which!r}.")
@@ -92,21 +108,35 @@ def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_r
     raise ValueError(f"--max_rows must be >= 1 (or unset for {bounds.DEFAULT_MAX_ROWS}), got {max_rows}.")
   if not split:
     raise ValueError("--split must name a split, e.g. test.")
+  if not isinstance(fit_examples, (int, np.integer)) or fit_examples < 0:
+    raise ValueError(f"--fit_examples must be an integer >= 0 (0: no fitted scores), got {fit_examples!r}.")
+  if fit_examples and split == "train":
+    raise ValueError("--fit_examples fits the suite's scores on the train split, which --split train evaluates: "
+                     "pass --fit_examples 0, or evaluate --split test.")
   devices.check_precision(precision, "--precision")
 
 
-def _ood_names(config, ood: Optional[Sequence[str]], model_shape) -> list[str]:
+def _ood_sources(config, ood: Optional[Sequence[str]], model_shape) -> dict[str, image_sources.Source]:
+  """The OOD sets by table name (registry names checked against the model's shape; other sources parsed)."""
   in_name = datasets_info.canonical(config.data.name)
-  names = []
-  for name in (config.eval.ood_datasets if ood is None else ood):
-    name = _resolve_dataset(str(name).strip(), model_shape)
-    if name == in_name:
-      log.warning("Skipping OOD set %s: it is the in-distribution set (the sanity row covers it).", name)
-    elif name not in names:
-      names.append(name)
-  if not names:
+  sources = {}
+  for spec in (config.eval.ood_datasets if ood is None else ood):
+    source = image_sources.parse(str(spec).strip())
+    if source.kind == "registry":
+      _resolve_dataset(source.name, model_shape)
+    if source.kind == "registry" and source.name == in_name:
+      log.warning("Skipping OOD set %s: it is the in-distribution set (the sanity row covers it).", source.name)
+    elif source.name in sources and sources[source.name].spec != source.spec:
+      raise ValueError(f"--ood: {sources[source.name].spec} and {source.spec} would both be named "
+                       f"{source.name!r} in the tables; rename one of them.")
+    elif source.name == in_name or source.name.endswith((SANITY_SUFFIX, TRAIN_SUFFIX, FIT_SUFFIX)):
+      raise ValueError(f"--ood: {source.spec} would be named {source.name!r}, like the in-distribution rows; "
+                       "rename it.")
+    else:
+      sources[source.name] = source
+  if not sources:
     raise ValueError("No OOD dataset to evaluate: pass --ood, e.g. --ood mnist.")
-  return names
+  return sources
 
 
 def _check_paths(checkpoint: str, output_dir: str, train_reference: bool, split: str) -> None:
@@ -137,6 +167,8 @@ class _Plan:
   ks: tuple[int, ...]
   in_name: str
   ood_names: list[str]
+  sources: dict  # OOD table name -> image_sources.Source
+  arrays: dict  # OOD table name -> uint8 images of a non-registry source, loaded in `_load_sources`
   references: list[str]
   data_dir: Optional[str]
   out_dir: str
@@ -173,9 +205,19 @@ def _plan(checkpoint: str, output_dir: str, opts: dict) -> _Plan:
   out_dir = (io_utils.ensure_writable_dir(output_dir, "output_dir", "results.json, results.md, scores.npz and "
                                           "the plots") if jax.process_index() == 0 else os.path.abspath(output_dir))
   data_dir = opts["data_dir"] if opts["data_dir"] is not None else config.data.get("data_dir")
+  sources = _ood_sources(config, opts["ood"], tuple(model.spec.image_shape))
   return _Plan(loaded, config, model, scoring.parse_ks(opts["ks"], model.spec.num_layers), in_name,
-               _ood_names(config, opts["ood"], tuple(model.spec.image_shape)), references, data_dir, out_dir, mesh,
-               global_batch, opts)
+               list(sources), sources, {}, references, data_dir, out_dir, mesh, global_batch, opts)
+
+
+def _load_sources(plan: _Plan) -> None:
+  """Reads every non-registry OOD source into memory (every process), raising its one-line error before any
+  output is written."""
+  for name, source in plan.sources.items():
+    if source.kind != "registry":
+      plan.arrays[name] = image_sources.load(source, tuple(plan.model.spec.image_shape), resize=plan.opts["resize"],
+                                             max_examples=plan.opts["max_examples"], data_dir=plan.data_dir)
+      log.info("Read %d images of %s (%s).", len(plan.arrays[name]), name, source.spec)
 
 
 def _open_passes(plan: _Plan) -> list[_Pass]:
@@ -183,20 +225,29 @@ def _open_passes(plan: _Plan) -> list[_Pass]:
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel  (TensorFlow, imported late)
   o, split, seed = plan.opts, plan.opts["split"], plan.opts["seed"]
   cap = o["max_examples"]
-  rows = [(plan.in_name, plan.in_name, split, seed), (plan.references[0], plan.in_name, split, seed + 1)]
-  rows += [(n, n, split, seed) for n in plan.ood_names]
-  if o["train_reference"]:
-    rows.append((plan.references[1], plan.in_name, "train", seed))
+  rows = [(plan.in_name, plan.in_name, split, seed, cap), (plan.references[0], plan.in_name, split, seed + 1, cap)]
+  rows += [(n, n, split, seed, cap) for n in plan.ood_names]
   n_in = input_pipeline.num_examples(plan.in_name, split, plan.data_dir)
+  if o["train_reference"]:
+    rows.append((plan.references[1], plan.in_name, "train", seed, min(n_in, cap or n_in)))
+  if o["fit_examples"]:
+    rows.append((plan.in_name + FIT_SUFFIX, plan.in_name, "train", seed + 2, o["fit_examples"]))
+  common = dict(batch_size=plan.global_batch // jax.process_count(), process_index=jax.process_index(),
+                process_count=jax.process_count())
   passes = []
-  for name, dataset, pass_split, data_seed in rows:
-    n = input_pipeline.num_examples(dataset, pass_split, plan.data_dir)
-    n = min(n, cap or n, n_in if name == plan.in_name + TRAIN_SUFFIX else n)
-    it, _ = input_pipeline.create_eval_dataset(
-        dataset, pass_split, preprocessing=datasets_info.eval_preprocessing(plan.config, dataset),
-        batch_size=plan.global_batch // jax.process_count(), seed=data_seed, max_examples=n,
-        data_dir=plan.data_dir, process_index=jax.process_index(), process_count=jax.process_count(),
-        target_shape=tuple(plan.model.spec.image_shape))
+  for name, dataset, pass_split, data_seed, limit in rows:
+    preprocessing = datasets_info.eval_preprocessing(plan.config, dataset)
+    if dataset in plan.arrays:
+      images = plan.arrays[dataset]
+      n = min(len(images), limit or len(images))
+      it, _ = input_pipeline.create_eval_dataset_from_array(
+          images, dataset, pass_split, preprocessing=preprocessing, seed=data_seed, max_examples=n, **common)
+    else:
+      n = input_pipeline.num_examples(dataset, pass_split, plan.data_dir)
+      n = min(n, limit or n)
+      it, _ = input_pipeline.create_eval_dataset(
+          dataset, pass_split, preprocessing=preprocessing, seed=data_seed, max_examples=n, data_dir=plan.data_dir,
+          target_shape=tuple(plan.model.spec.image_shape), **common)
     passes.append(_Pass(name, dataset, it, n))
   return passes
 
@@ -218,20 +269,37 @@ def _compile(plan: _Plan):
   return compiled, params, seconds
 
 
-def _score(plan: _Plan, passes: list[_Pass], compiled, params) -> tuple[dict, float, int]:
-  """Per-pass raw scores (the scores.npz entries), scoring seconds and images scored."""
-  scores, seconds, images = {}, 0.0, 0
+def _score(plan: _Plan, passes: list[_Pass], compiled, params) -> tuple[dict, dict]:
+  """Per-pass raw scores (the scores.npz entries) and per-pass scoring seconds."""
+  scores, seconds = {}, {}
   sharding = NamedSharding(plan.mesh, P("data"))
   for p in passes:
     t0 = time.perf_counter()
     progress = scoring.Progress(p.name, p.total, plan.opts["progress_every_s"])
     cols, _ = scoring.score_pass(compiled, params, p.it, sharding, scoring.pass_key(plan.opts["seed"], p.name),
                                  plan.global_batch // jax.process_count(), progress)
-    seconds += time.perf_counter() - t0
-    images += len(cols["elbo"])
+    seconds[p.name] = time.perf_counter() - t0
     scores[p.name] = scoring.raw_scores(cols, plan.ks)
     log.info("Scored %s: mean ELBO %.2f nats.", p.name, float(np.mean(cols["elbo"])))
-  return scores, seconds, images
+  return scores, seconds
+
+
+def _add_suite(plan: _Plan, scores: dict) -> dict[str, float]:
+  """The suite's scores (`ood_scores`) of every table pass, fitted on the fit pass when there is one; seconds
+  each score took, over all passes (the fit itself counted in `fit`)."""
+  fit_name = plan.in_name + FIT_SUFFIX
+  seconds = {}
+  fit_state = None
+  if fit_name in scores:
+    t0 = time.perf_counter()
+    fit_state = ood_scores.fit(scores[fit_name], plan.ks)
+    seconds["fit"] = time.perf_counter() - t0
+  num_dims = math.prod(plan.model.spec.image_shape)
+  for name, raw in scores.items():
+    if name != fit_name:
+      for score, t in scoring.add_suite_scores(raw, fit_state, plan.ks, num_dims).items():
+        seconds[score] = seconds.get(score, 0.0) + t
+  return seconds
 
 
 def _save_scores(plan: _Plan, scores: dict) -> None:
@@ -241,20 +309,21 @@ def _save_scores(plan: _Plan, scores: dict) -> None:
       with open(tmp, "wb") as f:
         np.savez(f, **{f"{n}/{k}": v for n, s in scores.items() for k, v in s.items()})
     io_utils.atomic_write(os.path.join(plan.out_dir, SCORES_NPZ), write)
-  order = scoring.score_names(plan.ks)
-  bad = {n: int(np.count_nonzero(~np.isfinite(s[k]))) for n, s in scores.items() for k in order}
+  bad = {n: int(np.count_nonzero(~np.isfinite(s[k]))) for n, s in scores.items()
+         for k in scoring.score_names(plan.ks, suite=s)}
   if any(bad.values()):
     worst = max(bad, key=bad.get)
     raise ValueError(f"{bad[worst]} examples of {worst} have non-finite bounds (see {SCORES_NPZ}); the "
                      "checkpoint may have diverged. Evaluate an earlier step directory.")
 
 
-def _results(plan: _Plan, scores: dict, seconds: float, images: int, compile_seconds: float):
+def _results(plan: _Plan, scores: dict, pass_seconds: dict, suite_seconds: dict, compile_seconds: float):
   """The results dict (results.json) and the oriented scores behind its table."""
   o, loaded, in_name = plan.opts, plan.loaded, plan.in_name
+  seconds, images = sum(pass_seconds.values()), sum(len(s["ELBO"]) for s in scores.values())
   in_scores = scoring.oriented_scores(scores[in_name], plan.ks)
-  ood_scores = {n: scoring.oriented_scores(scores[n], plan.ks) for n in plan.ood_names + plan.references}
-  full_table = ood_metrics.ood_table(in_scores, ood_scores, seed=o["seed"])
+  oriented = {n: scoring.oriented_scores(scores[n], plan.ks) for n in plan.ood_names + plan.references}
+  full_table = ood_metrics.ood_table(in_scores, oriented, seed=o["seed"])
   table = {s: {m: {k: float(v[k]) for k in ood_metrics.METRIC_KEYS} for m, v in per.items()}
            for s, per in full_table.items()}
   num_dims = math.prod(plan.model.spec.image_shape)
@@ -274,8 +343,12 @@ def _results(plan: _Plan, scores: dict, seconds: float, images: int, compile_sec
       "max_rows": int(bounds.DEFAULT_MAX_ROWS if o["max_rows"] is None else o["max_rows"]),
       "devices": int(plan.mesh.devices.size), "processes": int(jax.process_count()), "images_scored": int(images),
       "scoring_seconds": float(seconds), "compile_seconds": float(compile_seconds),
+      "pass_seconds": {n: float(t) for n, t in pass_seconds.items()},
+      "suite_seconds": {n: float(t) for n, t in suite_seconds.items()},
+      "fit_examples": int(len(scores.get(in_name + FIT_SUFFIX, {}).get("ELBO", ()))),
+      "scores": scoring.score_names(plan.ks, suite=scores[in_name]),
   }
-  return results, in_scores, ood_scores
+  return results, in_scores, oriented
 
 
 def _markdown(results: dict, table: dict, order: list[str], settings: dict) -> str:
@@ -294,12 +367,12 @@ def _markdown(results: dict, table: dict, order: list[str], settings: dict) -> s
   return "\n".join(lines) + "\n"
 
 
-def _write_outputs(plan: _Plan, results: dict, scores: dict, in_scores: dict, ood_scores: dict,
+def _write_outputs(plan: _Plan, results: dict, scores: dict, in_scores: dict, oriented: dict,
                    t_start: float) -> None:
   """Plots, results.md and, last, results.json (process 0), and the table on stdout."""
-  o, out_dir, order = plan.opts, plan.out_dir, scoring.score_names(plan.ks)
+  o, out_dir, order = plan.opts, plan.out_dir, results["scores"]
   others = plan.ood_names + plan.references
-  plots.plot_roc(ood_metrics.ood_roc_curves(in_scores, ood_scores, seed=o["seed"]), os.path.join(out_dir, ROC_PNG),
+  plots.plot_roc(ood_metrics.ood_roc_curves(in_scores, oriented, seed=o["seed"]), os.path.join(out_dir, ROC_PNG),
                  title=f"{plan.in_name}: OOD = positive (S={o['iw_samples']}, S_k={o['iw_samples_k']})")
   plots.plot_histograms({k: scores[plan.in_name][k] for k in order}, {n: {k: scores[n][k] for k in order}
                                                                      for n in others},
@@ -308,7 +381,9 @@ def _write_outputs(plan: _Plan, results: dict, scores: dict, in_scores: dict, oo
               "L>k": results["lk_mode"],
               "examples": ", ".join(f"{n} {v}" for n, v in results["n_examples_by_dataset"].items()),
               "batch": o["batch_size"], "seed": o["seed"], "devices": plan.mesh.devices.size,
-              "parameters": plan.loaded.parameters, "precision": o["precision"]}
+              "parameters": plan.loaded.parameters, "precision": o["precision"],
+              "fit": (f"first {results['fit_examples']} of {plan.in_name} train" if results["fit_examples"]
+                      else "none")}
   results["wall_seconds"] = float(time.perf_counter() - t_start)
   io_utils.write_text(os.path.join(out_dir, RESULTS_MD), _markdown(results, results["ood"], order, settings))
   results["wall_seconds"] = float(time.perf_counter() - t_start)
@@ -325,7 +400,7 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
              split: str = "test", max_examples: Optional[int] = None, batch_size: int = 500, seed: int = 0,
              data_dir: Optional[str] = None, max_rows: Optional[int] = None, use_ema: bool = True,
              prior_sample: bool = False, train_reference: bool = False, precision: str = "highest",
-             progress_every_s: float = 30.0) -> dict:
+             progress_every_s: float = 30.0, fit_examples: int = 10_000, resize: bool = False) -> dict:
   """Scores the in-distribution split and each OOD set and writes the outputs (see the module docstring).
 
   Args:
@@ -333,7 +408,8 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
     output_dir: where the outputs go (created if needed).
     which: 'best' or 'latest' checkpoint of a workdir; None: 'best' where the workdir has one (the checkpoint of
       the best in-distribution test ELBO seen during training, as the reference selects), else 'latest'.
-    ood: OOD dataset names (default: the checkpoint config's eval.ood_datasets).
+    ood: OOD sets (default: the checkpoint config's eval.ood_datasets): registry names, folders of PNG/JPEG
+      images, .npy/.npz files of uint8 images (FILE.npz:KEY) or tfds:NAME[/CONFIG][:SPLIT] (`image_sources`).
     iw_samples: S, importance samples of the ELBO.
     iw_samples_k: S_k, importance samples of each L^{>k}.
     ks: the k of L^{>k} and LLR^{>k} (default: every k in 0..L-1).
@@ -352,6 +428,9 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
     precision: matmul/convolution precision ('highest' by default, so that likelihoods do not depend on a
       backend's default, e.g. bfloat16 passes on TPU or TF32 on recent GPUs).
     progress_every_s: seconds between progress lines of a pass (process 0).
+    fit_examples: examples of the in-distribution train split the fitted scores (typicality, DoSE, fisher) are
+      fitted on (the first ones; 0: no fitted scores).
+    resize: resize the images of folder/array/tfds OOD sets of another size to the model's (PIL bilinear).
 
   Returns:
     The results dict written to results.json.
@@ -361,24 +440,26 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
   """
   t_start = time.perf_counter()
   ood, ks = _as_list(ood), _as_list(ks)
-  _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision)
+  _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision, fit_examples)
   _check_paths(checkpoint, output_dir, train_reference, split)
   opts = dict(which=which, ood=ood, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks, split=split,
               max_examples=max_examples, batch_size=batch_size, seed=seed, data_dir=data_dir, max_rows=max_rows,
               use_ema=use_ema, prior_sample=prior_sample, train_reference=train_reference, precision=precision,
-              progress_every_s=progress_every_s)
+              progress_every_s=progress_every_s, fit_examples=int(fit_examples), resize=bool(resize))
   plan = _plan(checkpoint, output_dir, opts)
+  _load_sources(plan)
   passes = _open_passes(plan)
   stale = os.path.join(plan.out_dir, RESULTS_JSON)
   if jax.process_index() == 0 and os.path.exists(stale):
     log.warning("Removing %s of an earlier run: the outputs are being rewritten.", stale)
     os.remove(stale)
   compiled, params, compile_seconds = _compile(plan)
-  scores, seconds, images = _score(plan, passes, compiled, params)
+  scores, pass_seconds = _score(plan, passes, compiled, params)
+  suite_seconds = _add_suite(plan, scores)
   _save_scores(plan, scores)
-  results, in_scores, ood_scores = _results(plan, scores, seconds, images, compile_seconds)
+  results, in_scores, oriented = _results(plan, scores, pass_seconds, suite_seconds, compile_seconds)
   if jax.process_index() == 0:
-    _write_outputs(plan, results, scores, in_scores, ood_scores, t_start)
+    _write_outputs(plan, results, scores, in_scores, oriented, t_start)
   else:
     results["wall_seconds"] = float(time.perf_counter() - t_start)
   return results

@@ -297,10 +297,11 @@ def _read_array(source: Source) -> np.ndarray:
   return array
 
 
-def _load_array(source: Source, target_shape: Sequence[int], resize: bool,
-                max_examples: int | None) -> np.ndarray:
-  where = source.spec
-  array = _read_array(source)
+def conform_array(array: np.ndarray, target_shape: Sequence[int], *, resize: bool = False,
+                  where: str = "images") -> np.ndarray:
+  """Rules 2-4 on an in-memory uint8 array [N, H, W] or [N, H, W, C]: uint8 [N, *target_shape]; a one-line
+  DataSourceError naming `where` for an array it cannot use (rank, dtype, no images, size, channels)."""
+  array = np.asarray(array)
   if array.ndim not in (3, 4):
     raise DataSourceError(f"{where}: shape {tuple(array.shape)} is not [N, H, W] or [N, H, W, C] images.")
   if array.dtype != np.uint8:
@@ -308,7 +309,6 @@ def _load_array(source: Source, target_shape: Sequence[int], resize: bool,
                           "(x*255).round().astype(np.uint8) for values in [0, 1] (or x.astype(np.uint8)).")
   if len(array) == 0:
     raise DataSourceError(f"{where}: zero images (shape {tuple(array.shape)}).")
-  array = np.asarray(array[:max_examples] if max_examples is not None else array)
   array = _drop_alpha(array[..., None] if array.ndim == 3 else array, where)
   height, width, channels = (int(d) for d in target_shape)
   if array.shape[1:3] != (height, width):
@@ -316,6 +316,14 @@ def _load_array(source: Source, target_shape: Sequence[int], resize: bool,
       raise _size_error(where, array.shape[1:3], target_shape)
     array = np.stack([_resize(image, height, width) for image in array])
   return _to_channels(array, channels, where)
+
+
+def _load_array(source: Source, target_shape: Sequence[int], resize: bool,
+                max_examples: int | None) -> np.ndarray:
+  array = _read_array(source)
+  if array.ndim in (3, 4) and max_examples is not None:
+    array = array[:max_examples]
+  return conform_array(array, target_shape, resize=resize, where=source.spec)
 
 
 def _tfds_builder(source: Source, data_dir: str | None):

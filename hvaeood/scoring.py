@@ -4,7 +4,8 @@
   the batch sharded over the mesh and the outputs replicated;
 * `score_pass`: every batch of an evaluation iterator through it, the padding dropped and the examples put back
   in file order (each process feeds a contiguous slice of the split), with progress lines;
-* the score names and orientation of the OOD tables (higher = more OOD), and the PRNG key of each pass.
+* the score names and orientation of the OOD tables (higher = more OOD), the suite's scores beyond the paper
+  (`ood_scores`) added to a pass's raw scores, and the PRNG key of each pass.
 
 Used by the in-training evaluation (`train`) and `evaluate`.
 """
@@ -22,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hvaeood import bounds
 from hvaeood import devices
+from hvaeood import ood_scores
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +33,43 @@ def pass_key(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def score_names(ks: Sequence[int]) -> list[str]:
-  """The scores of the metric table, in table order: ELBO, every L>k, every LLR>k with k >= 1."""
-  return ["ELBO"] + [f"L>{k}" for k in ks] + [f"LLR>{k}" for k in ks if k >= 1]
+def score_names(ks: Sequence[int], suite: Sequence[str] = ()) -> list[str]:
+  """The scores of the metric table, in table order: ELBO, every L>k, every LLR>k with k >= 1, then the suite's
+  scores present (`ood_scores.SUITE_SCORES` order)."""
+  return (["ELBO"] + [f"L>{k}" for k in ks] + [f"LLR>{k}" for k in ks if k >= 1] +
+          [n for n in ood_scores.SUITE_SCORES if n in suite])
 
 
 def oriented_scores(raw: dict[str, np.ndarray], ks: Sequence[int]) -> dict[str, np.ndarray]:
-  """Scores with higher = more OOD: -ELBO, -L>k, LLR>k (OOD is the positive class, as the paper's metrics)."""
+  """Scores with higher = more OOD: -ELBO, -L>k, LLR>k (OOD is the positive class, as the paper's metrics) and
+  the suite's scores present in `raw` (already oriented so)."""
   out = {}
-  for name in score_names(ks):
-    out[name] = raw[name] if name.startswith("LLR") else -raw[name]
+  for name in score_names(ks, suite=raw):
+    out[name] = raw[name] if name.startswith("LLR") or name in ood_scores.SUITE_SCORES else -raw[name]
   return out
+
+
+def add_suite_scores(raw: dict[str, np.ndarray], fit_state: Optional[ood_scores.FitState], ks: Sequence[int],
+                     num_dims: int) -> dict[str, float]:
+  """Adds the suite's scores (`ood_scores.score_all`) to a pass's raw scores, in place: input_complexity from the
+  pass's PNG lengths, the fitted ones when `fit_state` is given. Returns the seconds each score took."""
+  seconds = {}
+  for name in ood_scores.SUITE_SCORES:
+    if name == "input_complexity":
+      if "png_bits" not in raw:
+        continue
+      t0 = time.perf_counter()
+      raw[name] = ood_scores.input_complexity(raw, raw["png_bits"], num_dims)
+    elif fit_state is None:
+      continue
+    else:
+      t0 = time.perf_counter()
+      raw[name] = _FITTED[name](fit_state, raw)
+    seconds[name] = time.perf_counter() - t0
+  return seconds
+
+
+_FITTED = {"typicality": ood_scores.typicality, "DoSE": ood_scores.dose, "fisher": ood_scores.fisher}
 
 
 def parse_ks(ks: Optional[Sequence[int]], num_layers: int) -> tuple[int, ...]:
@@ -116,8 +144,8 @@ def to_file_order(batches: np.ndarray, owner: np.ndarray, masks: np.ndarray) -> 
   return a.reshape(lead + (-1,))[..., masks.reshape(-1)]
 
 
-def _gather_masks(local_masks: np.ndarray) -> np.ndarray:
-  """[nb, lb] local masks -> [P, nb, lb] of all processes."""
+def _gather_rows(local_masks: np.ndarray) -> np.ndarray:
+  """[nb, lb] per-row values of this process (masks, PNG lengths) -> [P, nb, lb] of all processes."""
   return devices.all_real_rows(local_masks[None]).reshape((jax.process_count(),) + local_masks.shape)
 
 
@@ -154,15 +182,18 @@ def score_pass(fn: Callable, params, it, sharding: NamedSharding, key: jax.Array
   """Scores every batch of `it` with `fn`; returns the real examples' raw arrays in file order and the batch count.
 
   Returns:
-    ({"elbo": [N], "lk": [K, N], "llr": [K, N], "log_px": [N], "kl": [L, N]}, number of batches).
+    ({"elbo": [N], "lk": [K, N], "llr": [K, N], "log_px": [N], "kl": [L, N]} and "png_bits": [N] when the
+    batches carry it (the compressed length of each image, `input_pipeline`), number of batches).
   """
-  outs, masks = [], []
+  outs, masks, png = [], [], []
   pending = None
   real = 0  # real examples of the batches fetched so far, all processes (each feeds equal slices)
   for i, batch in enumerate(it):
     x = devices.to_global(np.asarray(batch["image"], np.float32), sharding)  # padding rows masked below
     result = fn(params, x, np.asarray(jax.random.fold_in(key, i)))
     masks.append(np.asarray(batch["mask"], bool))
+    if "png_bits" in batch:
+      png.append(np.asarray(batch["png_bits"], np.float32))
     if pending is not None:  # fetch the previous batch while this one runs
       outs.append(jax.device_get(pending))
       real += int(masks[-2].sum()) * jax.process_count()
@@ -174,9 +205,11 @@ def score_pass(fn: Callable, params, it, sharding: NamedSharding, key: jax.Array
   if not outs:
     raise ValueError("The dataset yielded no batches.")
   owner = row_owners(sharding, local_batch * jax.process_count())
-  all_masks = _gather_masks(np.stack(masks))
+  all_masks = _gather_rows(np.stack(masks))
   cols = {field: to_file_order(np.stack([np.asarray(getattr(o, field)) for o in outs]), owner, all_masks)
           for field in ("elbo", "lk", "llr", "log_px", "kl")}
+  if png:  # host-side per-example values of each process's rows: gathered like the masks, in file order
+    cols["png_bits"] = _gather_rows(np.stack(png))[all_masks].astype(np.float64)
   if progress is not None:
     progress.update(len(cols["elbo"]), final=True)
   return cols, len(outs)
@@ -191,4 +224,6 @@ def raw_scores(cols: dict[str, np.ndarray], ks: Sequence[int]) -> dict[str, np.n
     out[f"LLR>{k}"] = cols["llr"][i]
   out["log_px"] = cols["log_px"]
   out["kl"] = np.ascontiguousarray(cols["kl"].T)  # [N, L]
+  if "png_bits" in cols:
+    out["png_bits"] = cols["png_bits"]
   return out

@@ -25,7 +25,8 @@ from hvaeood import train
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N = 150  # examples per dataset in the end-to-end run: the second batch of 100 is half padding
 BATCH = 100
-SCORES = ["ELBO", "L>0", "L>1", "L>2", "LLR>1", "LLR>2"]
+SCORES = ["ELBO", "L>0", "L>1", "L>2", "LLR>1", "LLR>2", "typicality", "input_complexity", "DoSE", "fisher"]
+FIT = 200  # --fit_examples of the end-to-end run
 # Native (C++) and absl-formatted log lines that TensorFlow/XLA/orbax write to stderr on their own.
 _LOG_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog)")
 
@@ -65,7 +66,7 @@ def cli_run(workdir, tmp_path_factory):
   """The CLI on that checkpoint vs real MNIST (data_dir from the checkpoint's config)."""
   out = tmp_path_factory.mktemp("eval_out")
   proc = run_cli("--checkpoint", workdir, "--ood", "mnist", "--output_dir", out, "--max_examples", N,
-                 "--batch_size", BATCH)
+                 "--batch_size", BATCH, "--fit_examples", FIT)
   assert proc.returncode == 0, proc.stderr[-5000:]
   return out, proc
 
@@ -159,27 +160,33 @@ def assert_scores_are_independent_passes(scores, params, model, passes, *, batch
   """
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
   apply = _jit_apply(model, prior_sample)
-  skips = jnp.array([0, 0, 1, 2], jnp.int32)
   for name, dataset, split, data_seed in passes:
     it, got_n = input_pipeline.create_eval_dataset(dataset, split, preprocessing="binarize", batch_size=batch,
                                                    seed=data_seed, max_examples=n, data_dir=data_dir)
     assert got_n == n
-    for i, b in enumerate(it):
-      key = jax.random.fold_in(jax.random.fold_in(scoring.pass_key(0, name), i), 0)
-      o = jax.device_get(apply(params, jnp.asarray(b["image"]), skips, key))
-      real = b["mask"]
-      assert real.sum() == min(batch, n - i * batch)
-      rows = slice(i * batch, i * batch + int(real.sum()))
-      close = lambda a, c: np.testing.assert_allclose(a, c[..., real], rtol=2e-5, atol=1e-2)
-      close(scores[f"{name}/ELBO"][rows], o.elbo[0])
-      for k in range(3):
-        close(scores[f"{name}/L>{k}"][rows], o.elbo[1 + k])
-        # A difference of two float32 bounds: its error scales with the operands, not with the result.
-        llr = scores[f"{name}/LLR>{k}"][rows]
-        tol = 2e-5 * (np.abs(o.elbo[0]) + np.abs(o.elbo[1 + k]))[real] + 1e-2
-        assert np.all(np.abs(llr - (o.elbo[0] - o.elbo[1 + k])[real]) <= tol), (name, k)
-      close(scores[f"{name}/log_px"][rows], o.log_px[0])
-      close(scores[f"{name}/kl"][rows].T, np.stack([kl[0] for kl in o.kl]))
+    assert_batches_match(lambda key, name=name: scores[f"{name}/{key}"], it, apply, params, name, batch=batch, n=n)
+
+
+def assert_batches_match(stored, it, apply, params, name, *, batch, n):
+  """The stored scores (`stored(key)`) of a pass named `name` over the batches of `it` equal independent model
+  passes (see `assert_scores_are_independent_passes`)."""
+  skips = jnp.array([0, 0, 1, 2], jnp.int32)
+  for i, b in enumerate(it):
+    key = jax.random.fold_in(jax.random.fold_in(scoring.pass_key(0, name), i), 0)
+    o = jax.device_get(apply(params, jnp.asarray(b["image"]), skips, key))
+    real = b["mask"]
+    assert real.sum() == min(batch, n - i * batch)
+    rows = slice(i * batch, i * batch + int(real.sum()))
+    close = lambda a, c: np.testing.assert_allclose(a, c[..., real], rtol=2e-5, atol=1e-2)
+    close(stored("ELBO")[rows], o.elbo[0])
+    for k in range(3):
+      close(stored(f"L>{k}")[rows], o.elbo[1 + k])
+      # A difference of two float32 bounds: its error scales with the operands, not with the result.
+      llr = stored(f"LLR>{k}")[rows]
+      tol = 2e-5 * (np.abs(o.elbo[0]) + np.abs(o.elbo[1 + k]))[real] + 1e-2
+      assert np.all(np.abs(llr - (o.elbo[0] - o.elbo[1 + k])[real]) <= tol), (name, k)
+    close(stored("log_px")[rows], o.log_px[0])
+    close(stored("kl")[rows].T, np.stack([kl[0] for kl in o.kl]))
 
 
 def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_data_dir):
@@ -391,3 +398,157 @@ def test_cli_user_errors_exit_2_with_one_line(case, workdir, tmp_path, not_a_dir
     assert "(28, 28, 1)" in lines[0] and "Fix" in lines[0]
   assert "Traceback" not in proc.stderr
   assert not (pathlib.Path(out) / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 13: the score suite, OOD sets from folders / arrays / tfds:, the embeddable detector
+
+
+def test_suite_scores_are_fitted_on_the_train_split_and_follow_their_formulas(cli_run):
+  """The fitted scores come from the fit pass (the first FIT train examples, stored as "<in> (fit)"), not from the
+  evaluated test split; input_complexity is (-ELBO/ln 2 - png_bits)/D of each pass's own stored values."""
+  from hvaeood import ood_scores  # pylint: disable=import-outside-toplevel
+  out, _ = cli_run
+  r = json.loads((out / "results.json").read_text())
+  assert r["fit_examples"] == FIT and r["n_examples_by_dataset"]["fashion_mnist (fit)"] == FIT
+  assert "fashion_mnist (fit)" not in r["ood"] and r["scores"] == SCORES
+  assert set(r["suite_seconds"]) == {"fit", "typicality", "input_complexity", "DoSE", "fisher"}
+  z = np.load(out / "scores.npz")
+  raw = lambda name: {k.split("/", 1)[1]: z[k] for k in z.files if k.split("/", 1)[0] == name}
+  fit = ood_scores.fit(raw("fashion_mnist (fit)"), (0, 1, 2))
+  fit_elbo = z["fashion_mnist (fit)/ELBO"].astype(np.float64)
+  for ds in ("fashion_mnist", "fashion_mnist (sanity)", "mnist"):
+    elbo, png = z[f"{ds}/ELBO"].astype(np.float64), z[f"{ds}/png_bits"]
+    assert png.shape == (N,) and np.all(png > 0)
+    np.testing.assert_allclose(z[f"{ds}/input_complexity"], (-elbo / math.log(2) - png) / 784, rtol=1e-6)
+    np.testing.assert_allclose(z[f"{ds}/typicality"], np.abs(elbo - fit_elbo.mean()), rtol=1e-6)
+    np.testing.assert_allclose(z[f"{ds}/DoSE"], ood_scores.dose(fit, raw(ds)), rtol=1e-9)
+    np.testing.assert_allclose(z[f"{ds}/fisher"], ood_scores.fisher(fit, raw(ds)), rtol=1e-9)
+  labels = np.r_[np.zeros(N), np.ones(N)]
+  from hvaeood import ood_metrics  # pylint: disable=import-outside-toplevel
+  assert r["ood"]["mnist"]["DoSE"]["auroc"] == pytest.approx(
+      ood_metrics.auroc(labels, np.r_[z["fashion_mnist/DoSE"], z["mnist/DoSE"]]))
+
+
+def _mnist_uint8(data_dir, n):
+  from hvaeood import image_sources  # pylint: disable=import-outside-toplevel
+  return image_sources.load("tfds:mnist:test", (28, 28, 1), max_examples=n, data_dir=data_dir)
+
+
+@pytest.mark.parametrize("kind", ["folder", "tfds"])
+def test_mnist_as_a_folder_of_pngs_or_tfds_gives_the_registry_scores(kind, cli_run, workdir, tfds_data_dir,
+                                                                     tmp_path):
+  """MNIST's first N test images as a folder of PNGs named mnist (or tfds:mnist:test) are the same examples with
+  the same noise and latent keys as the registry set: every stored score equals the registry run's."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from hvaeood import evaluate  # pylint: disable=import-outside-toplevel
+  spec = "tfds:mnist:test"
+  if kind == "folder":
+    folder = tmp_path / "pngs" / "mnist"
+    folder.mkdir(parents=True)
+    for i, im in enumerate(_mnist_uint8(tfds_data_dir, N)):
+      Image.fromarray(im[..., 0]).save(folder / f"{i:04d}.png")
+    spec = str(folder)
+  r = evaluate.evaluate(workdir, str(tmp_path / "out"), ood=[spec], max_examples=N, batch_size=BATCH,
+                        fit_examples=FIT)
+  assert list(r["ood"]) == ["mnist", "fashion_mnist (sanity)"]
+  got, want = np.load(tmp_path / "out" / "scores.npz"), np.load(cli_run[0] / "scores.npz")
+  assert sorted(got.files) == sorted(want.files)
+  for key in want.files:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def _write_bad_input(tmp_path: pathlib.Path, case: str) -> str:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  path = tmp_path / case
+  if case == "empty_folder":
+    path.mkdir()
+  elif case in ("corrupt_image", "mixed_sizes"):
+    path.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(path / "a.png")
+    if case == "corrupt_image":
+      (path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    else:
+      Image.fromarray(np.zeros((30, 28), np.uint8)).save(path / "b.png")
+  elif case == "five_channels":
+    path = tmp_path / "five.npy"
+    np.save(path, np.zeros((3, 28, 28, 5), np.uint8))
+  elif case == "npz_unnamed":
+    path = tmp_path / "two.npz"
+    np.savez(path, a=np.zeros((3, 28, 28), np.uint8), b=np.zeros((3, 28, 28), np.uint8))
+  elif case == "not_uint8":
+    path = tmp_path / "floats.npy"
+    np.save(path, np.zeros((3, 28, 28), np.float32))
+  return str(path)
+
+
+BAD_INPUTS = {"empty_folder": "no .png/.jpg/.jpeg images", "corrupt_image": "b.png: cannot read the image",
+              "mixed_sizes": "different sizes", "five_channels": "5 channels", "npz_unnamed": "none is named",
+              "not_uint8": "dtype float32"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_ood_inputs_fail_in_one_line_before_any_output(case, workdir, tmp_path):
+  from hvaeood import evaluate  # pylint: disable=import-outside-toplevel
+  from hvaeood.errors import DataSourceError  # pylint: disable=import-outside-toplevel
+  spec, out = _write_bad_input(tmp_path, case), tmp_path / "out"
+  with pytest.raises(DataSourceError) as e:
+    evaluate.evaluate(workdir, str(out), ood=["mnist", spec], max_examples=10, batch_size=10, fit_examples=10)
+  message = str(e.value)
+  assert BAD_INPUTS[case] in message and "\n" not in message
+  assert spec.split(":")[0] in message or os.path.basename(spec) in message, message
+  assert not (out / "results.json").exists() and not (out / "scores.npz").exists()
+
+
+def test_detector_scores_equal_independent_passes_and_pad_the_last_batch(workdir, tfds_data_dir):
+  """OODDetector.statistics: the documented preprocessing noise and latent keys (pass NOISE_NAME), batches of 7
+  with the last one padded: scoring 10 or 12 images gives the same first 10 scores."""
+  from hvaeood import OODDetector, detector, input_pipeline  # pylint: disable=import-outside-toplevel
+  det = OODDetector.from_checkpoint(workdir, batch_size=7)
+  images = _mnist_uint8(tfds_data_dir, 12)
+  raw10, raw12 = det.statistics(images[:10]), det.statistics(images[:12])
+  for k in raw10:
+    np.testing.assert_array_equal(raw10[k], raw12[k][:10], err_msg=k)
+  it, n = input_pipeline.create_eval_dataset_from_array(images, detector.NOISE_NAME, "any", preprocessing="binarize",
+                                                        batch_size=7, seed=0)
+  assert n == 12
+  apply = _jit_apply(det.model)
+  assert_batches_match(lambda key: raw12[key], it, apply, det.loaded.params, detector.NOISE_NAME, batch=7, n=12)
+  s = det.score(images[:10])
+  assert list(s) == det.score_names == ["ELBO", "L>0", "L>1", "L>2", "LLR>1", "LLR>2", "input_complexity"]
+  np.testing.assert_array_equal(s["ELBO"], -raw10["ELBO"].astype(np.float64))
+  np.testing.assert_array_equal(s["LLR>1"], raw10["LLR>1"].astype(np.float64))
+
+
+def test_detector_fit_thresholds_flags_and_save_load(workdir, tfds_data_dir, tmp_path):
+  """fit: the fitted scores of the fit data; threshold(score, keep) is its ceil(keep n)-th smallest score; is_ood
+  flags exactly the inputs above it; save/load restores the same scores and thresholds; errors are one line."""
+  from hvaeood import OODDetector  # pylint: disable=import-outside-toplevel
+  det = OODDetector.from_checkpoint(workdir, batch_size=20)
+  with pytest.raises(ValueError, match="not fitted"):
+    det.is_ood(np.zeros((2, 28, 28), np.uint8))
+  fit_images = _mnist_uint8(tfds_data_dir, 40)
+  det.fit(fit_images)
+  assert det.score_names == SCORES
+  fitted = det.score(fit_images)
+  for score in ("LLR>1", "DoSE", "fisher"):
+    for keep in (0.5, 0.9, 0.95, 1.0):
+      by_hand = np.sort(fitted[score])[math.ceil(keep * 40) - 1]
+      assert det.threshold(score, keep) == by_hand
+      flags = det.is_ood(fit_images, score, keep)
+      np.testing.assert_array_equal(flags, fitted[score] > by_hand)
+      assert flags.sum() <= 40 - math.ceil(keep * 40)
+  path = det.save(str(tmp_path / "det"))
+  again = OODDetector.load(path)
+  other = _mnist_uint8(tfds_data_dir, 60)[40:]
+  a, b = det.score(other), again.score(other)
+  assert list(a) == list(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert again.threshold("DoSE", 0.9) == det.threshold("DoSE", 0.9)
+  for bad, match in (({"score": "nope"}, "Unknown score 'nope'"), ({"keep": 0.0}, "keep must be in")):
+    with pytest.raises(ValueError, match=match):
+      det.is_ood(other, **bad)
+  (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match="not a detector file"):
+    OODDetector.load(str(tmp_path / "garbage.npz"))
