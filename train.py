@@ -40,6 +40,5 @@ if __name__ == "__main__":
   import hvaeood  # pylint: disable=g-import-not-at-top
   hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
   from hvaeood import cli as _cli  # pylint: disable=g-import-not-at-top
-  from hvaeood.logging_utils import quiet_library_logs  # pylint: disable=g-import-not-at-top
-  quiet_library_logs()
+  _cli.quiet_library_logs()
   app.run(main, flags_parser=_cli.flags_parser)

@@ -16,6 +16,8 @@ import re
 import sys
 from typing import Callable, Optional, Sequence
 
+from absl import logging as absl_logging
+
 from hvaeood.checkpoints import OrbaxFailedReadNoise
 from hvaeood.errors import CheckpointError, TrainingError
 
@@ -209,3 +211,23 @@ def check_config_loaded(config, spec: Optional[str]) -> None:
     return
   _load_config(spec or "")  # raises the one-line reason
   raise ValueError(f"Config {spec} does not load (get_config() returned {type(config).__name__}).")
+
+
+class _LibraryNoiseFilter(logging.Filter):
+  """Drops INFO records of orbax/tensorflow_datasets internals; keeps warnings and our own messages."""
+
+  NOISY = ("orbax", "tensorflow_datasets", "etils", "jax/_src")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  """INFO logging for the run's own progress lines, without the per-file chatter of orbax and tfds (the launchers
+  call it; it imports no TensorFlow, so a user error is reported before TensorFlow loads)."""
+  absl_logging.set_verbosity(absl_logging.INFO)
+  f = _LibraryNoiseFilter()
+  absl_logging.get_absl_handler().addFilter(f)
+  logging.getLogger().addFilter(f)
+  for h in logging.getLogger().handlers:
+    h.addFilter(f)

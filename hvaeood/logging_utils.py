@@ -1,4 +1,4 @@
-"""The run's metric writers (CLU) and quiet library logs.
+"""The run's metric writers (CLU).
 
 `create_writer(workdir)` gives CLU's default writer (a log line per write and TensorBoard event files in
 WORKDIR/tensorboard) on process 0, plus WORKDIR/metrics.jsonl (one JSON object per write: the step and the
@@ -8,7 +8,6 @@ scalars), which scripts and tests read without TensorFlow; every other process o
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, Mapping
 
@@ -61,23 +60,3 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
   default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False)
   return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
-
-
-class _LibraryNoiseFilter(logging.Filter):
-  """Drops INFO records of orbax/tensorflow_datasets internals; keeps warnings and our own messages."""
-
-  NOISY = ("orbax", "tensorflow_datasets", "etils", "jax/_src")
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
-
-
-def quiet_library_logs() -> None:
-  """INFO logging for the run's own progress lines, without the per-file chatter of orbax and tfds."""
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.INFO)
-  f = _LibraryNoiseFilter()
-  absl_logging.get_absl_handler().addFilter(f)
-  logging.getLogger().addFilter(f)
-  for h in logging.getLogger().handlers:
-    h.addFilter(f)

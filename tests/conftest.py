@@ -1,5 +1,6 @@
 """Shared pytest fixtures. The test session is a launcher: it sets the XLA:CPU default the launchers set."""
 
+import fcntl
 import os
 import pathlib
 
@@ -44,6 +45,28 @@ def tfds_data_dir(tmp_path_factory) -> str:
   from hvaeood import data_import  # pylint: disable=g-import-not-at-top
   data_dir = (os.environ.get('HVAEOOD_TEST_DATA_DIR') or
               str(tmp_path_factory.mktemp('tfds_data')))
-  data_import.import_idx('fashion_mnist', FASHION_MNIST_SRC, data_dir)
-  data_import.import_idx('mnist', MNIST_SRC, data_dir)
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, '.hvaeood_import.lock'), 'a+') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # test processes of one session (pytest-xdist workers) import in turn
+    data_import.import_idx('fashion_mnist', FASHION_MNIST_SRC, data_dir)
+    data_import.import_idx('mnist', MNIST_SRC, data_dir)
   return data_dir
+
+
+_MODULE_SECONDS: dict = {}
+
+
+def pytest_runtest_logreport(report):
+  module = report.nodeid.split('::')[0]
+  _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Where the suite's time goes: seconds per test module (setup + call + teardown; the background chains of a
+  module count where a test waits for them) and the CPU seconds of this process and of its subprocesses."""
+  import resource  # pylint: disable=import-outside-toplevel
+  me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  rows = sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1])
+  terminalreporter.write_line('seconds per module: ' + ', '.join(f'{m.split("/")[-1]} {s:.0f}' for m, s in rows))
+  terminalreporter.write_line(f'CPU seconds: pytest {me.ru_utime + me.ru_stime:.0f}, subprocesses '
+                              f'{kids.ru_utime + kids.ru_stime:.0f}')

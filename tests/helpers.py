@@ -419,6 +419,13 @@ def _file_lock(path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def session_shared_dir(tmp_path_factory) -> pathlib.Path:
+  """A directory shared by every test process of this session: with pytest-xdist the workers' common parent of
+  their base temp dirs (so the reference run is built once, by whichever worker asks first), else the base temp."""
+  base = tmp_path_factory.getbasetemp()
+  return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "hvaeood_reliability_shared"
+
+
 def reference_workdir(base_dir, data_dir: str) -> pathlib.Path:
   """Workdir of an uninterrupted N_STEPS run (built on first use in this session, then reused).
 

@@ -210,7 +210,7 @@ class _Cases(dict):
 @pytest.fixture(scope="module")
 def results(tfds_data_dir, tmp_path_factory, pytestconfig, request):
   env = Env(tfds_data_dir, tmp_path_factory.mktemp("cli_errors"),
-            tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared")
+            H.session_shared_dir(tmp_path_factory))
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
   # The cases of the selected tests, all at once; those needing the reference checkpoint last, so that the
   # quick ones overlap with its training run.

@@ -186,7 +186,7 @@ def uses(*names):
 @pytest.fixture(scope="module")
 def chains(tfds_data_dir, tmp_path_factory, pytestconfig, request):
   base = tmp_path_factory.mktemp("reliability")
-  shared = tmp_path_factory.getbasetemp() / "hvaeood_reliability_shared"
+  shared = H.session_shared_dir(tmp_path_factory)
   logs = base / "logs"
   logs.mkdir()
   cfg = H.write_config(base / "config.py", tfds_data_dir)
