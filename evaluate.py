@@ -22,7 +22,8 @@ _OOD = flags.DEFINE_list("ood", None, "OOD sets, comma-separated: dataset names 
 _RESIZE = flags.DEFINE_bool("resize", False, "Resize folder/array/tfds OOD images of another size to the model's "
                             "(PIL bilinear); without it another size is an error.")
 _FIT_EXAMPLES = flags.DEFINE_integer("fit_examples", 10_000, "Examples of the in-distribution train split that the "
-                                     "fitted scores (typicality, DoSE, fisher) are fitted on; 0: none.")
+                                     "fitted scores (typicality, DoSE, fisher) are fitted on (at most "
+                                     "--max_examples); 0: none.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for the outputs (required).")
 _IW = flags.DEFINE_integer("iw_samples", 1, "Importance samples S of the ELBO.")
 _IW_K = flags.DEFINE_integer("iw_samples_k", 1, "Importance samples S_k of each L^{>k}.")

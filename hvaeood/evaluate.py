@@ -19,7 +19,8 @@ a folder or file is named by its base name in the tables, and its noise is keyed
 
 The score suite (`ood_scores`): besides ELBO, L>k and LLR>k, every table has `input_complexity` (Serra et al.
 2020: the ELBO's bits/dim minus the PNG length in bits/dim) and, with `fit_examples` > 0, the scores fitted on the
-first `fit_examples` examples of the in-distribution *train* split (never the evaluated split): `typicality`,
+first `fit_examples` (at most `max_examples`) examples of the in-distribution *train* split (never the evaluated
+split): `typicality`,
 `DoSE` and `fisher`. The fit pass, `"<in> (fit)"`, is scored like the others (its raw scores are in scores.npz)
 but is no row of the table.
 
@@ -110,9 +111,6 @@ def _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_r
     raise ValueError("--split must name a split, e.g. test.")
   if not isinstance(fit_examples, (int, np.integer)) or fit_examples < 0:
     raise ValueError(f"--fit_examples must be an integer >= 0 (0: no fitted scores), got {fit_examples!r}.")
-  if fit_examples and split == "train":
-    raise ValueError("--fit_examples fits the suite's scores on the train split, which --split train evaluates: "
-                     "pass --fit_examples 0, or evaluate --split test.")
   devices.check_precision(precision, "--precision")
 
 
@@ -139,10 +137,13 @@ def _ood_sources(config, ood: Optional[Sequence[str]], model_shape) -> dict[str,
   return sources
 
 
-def _check_paths(checkpoint: str, output_dir: str, train_reference: bool, split: str) -> None:
+def _check_paths(checkpoint: str, output_dir: str, train_reference: bool, split: str, fit_examples: int) -> None:
   if train_reference and split == "train":
     raise ValueError("--train_reference scores the train split against the evaluated one: use it with --split test "
                      "(or validation).")
+  if fit_examples and split == "train":
+    raise ValueError("--fit_examples fits the suite's scores on the train split, which --split train evaluates: "
+                     "pass --fit_examples 0, or evaluate --split test.")
   if not checkpoint:
     raise ValueError("--checkpoint is required: a training workdir or one of its checkpoint step directories.")
   if not output_dir:
@@ -231,7 +232,8 @@ def _open_passes(plan: _Plan) -> list[_Pass]:
   if o["train_reference"]:
     rows.append((plan.references[1], plan.in_name, "train", seed, min(n_in, cap or n_in)))
   if o["fit_examples"]:
-    rows.append((plan.in_name + FIT_SUFFIX, plan.in_name, "train", seed + 2, o["fit_examples"]))
+    fit = min(o["fit_examples"], cap or o["fit_examples"])
+    rows.append((plan.in_name + FIT_SUFFIX, plan.in_name, "train", seed + 2, fit))
   common = dict(batch_size=plan.global_batch // jax.process_count(), process_index=jax.process_index(),
                 process_count=jax.process_count())
   passes = []
@@ -250,6 +252,14 @@ def _open_passes(plan: _Plan) -> list[_Pass]:
           target_shape=tuple(plan.model.spec.image_shape), **common)
     passes.append(_Pass(name, dataset, it, n))
   return passes
+
+
+def _remove_stale_results(plan: _Plan) -> None:
+  """Every input is checked and readable: the results.json of an earlier run goes before anything is rewritten."""
+  stale = os.path.join(plan.out_dir, RESULTS_JSON)
+  if jax.process_index() == 0 and os.path.exists(stale):
+    log.warning("Removing %s of an earlier run: the outputs are being rewritten.", stale)
+    os.remove(stale)
 
 
 def _compile(plan: _Plan):
@@ -410,8 +420,7 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
       the best in-distribution test ELBO seen during training, as the reference selects), else 'latest'.
     ood: OOD sets (default: the checkpoint config's eval.ood_datasets): registry names, folders of PNG/JPEG
       images, .npy/.npz files of uint8 images (FILE.npz:KEY) or tfds:NAME[/CONFIG][:SPLIT] (`image_sources`).
-    iw_samples: S, importance samples of the ELBO.
-    iw_samples_k: S_k, importance samples of each L^{>k}.
+    iw_samples, iw_samples_k: S, importance samples of the ELBO, and S_k, of each L^{>k}.
     ks: the k of L^{>k} and LLR^{>k} (default: every k in 0..L-1).
     split: the split of every dataset ('test', 'train', 'validation' or a TFDS split name).
     max_examples: cap on the examples of each dataset (the first ones, file order; default: all).
@@ -429,19 +438,16 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
       backend's default, e.g. bfloat16 passes on TPU or TF32 on recent GPUs).
     progress_every_s: seconds between progress lines of a pass (process 0).
     fit_examples: examples of the in-distribution train split the fitted scores (typicality, DoSE, fisher) are
-      fitted on (the first ones; 0: no fitted scores).
+      fitted on (the first ones, at most `max_examples`; 0: no fitted scores).
     resize: resize the images of folder/array/tfds OOD sets of another size to the model's (PIL bilinear).
 
-  Returns:
-    The results dict written to results.json.
-
-  Raises:
-    ValueError, CheckpointError, FileNotFoundError: user errors (bad flags, paths, datasets, shapes).
+  Returns the results dict written to results.json. Raises ValueError (DataSourceError), CheckpointError or
+  FileNotFoundError for user errors (bad flags, paths, datasets, shapes, images).
   """
   t_start = time.perf_counter()
   ood, ks = _as_list(ood), _as_list(ks)
   _check_args(which, iw_samples, iw_samples_k, batch_size, max_examples, max_rows, split, precision, fit_examples)
-  _check_paths(checkpoint, output_dir, train_reference, split)
+  _check_paths(checkpoint, output_dir, train_reference, split, fit_examples)
   opts = dict(which=which, ood=ood, iw_samples=iw_samples, iw_samples_k=iw_samples_k, ks=ks, split=split,
               max_examples=max_examples, batch_size=batch_size, seed=seed, data_dir=data_dir, max_rows=max_rows,
               use_ema=use_ema, prior_sample=prior_sample, train_reference=train_reference, precision=precision,
@@ -449,10 +455,7 @@ def evaluate(checkpoint: str, output_dir: str, *, which: Optional[str] = None, o
   plan = _plan(checkpoint, output_dir, opts)
   _load_sources(plan)
   passes = _open_passes(plan)
-  stale = os.path.join(plan.out_dir, RESULTS_JSON)
-  if jax.process_index() == 0 and os.path.exists(stale):
-    log.warning("Removing %s of an earlier run: the outputs are being rewritten.", stale)
-    os.remove(stale)
+  _remove_stale_results(plan)
   compiled, params, compile_seconds = _compile(plan)
   scores, pass_seconds = _score(plan, passes, compiled, params)
   suite_seconds = _add_suite(plan, scores)

@@ -111,6 +111,10 @@ def _parse_path(spec: str) -> Source:
     if not key:
       raise DataSourceError(f"{spec}: empty array key; write {head}:KEY, or {head} if it holds one array.")
   if not os.path.exists(path):
+    if os.sep not in path and not path.lower().endswith(ARRAY_SUFFIXES):  # meant as a dataset name
+      raise DataSourceError(f"Unknown dataset {path!r} (nor a file or folder of that name). Known datasets: "
+                            f"{', '.join(sorted(datasets_info.DATASETS))}; or give a folder of PNG/JPEG images, an "
+                            ".npy/.npz file of uint8 images or tfds:NAME[/CONFIG][:SPLIT].")
     raise DataSourceError(f"{path}: no such file or directory; {_USAGE} "
                           f"({', '.join(sorted(datasets_info.DATASETS))}).")
   stem = os.path.basename(os.path.normpath(os.path.abspath(path)))

@@ -162,6 +162,15 @@ def unknown_ood_dataset(env):
 
 
 @case
+def ood_npz_with_unnamed_arrays(env):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  path = env.dir("ood_npz_with_unnamed_arrays") / "two.npz"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(path, a=np.zeros((3, 28, 28), np.uint8), b=np.zeros((3, 28, 28), np.uint8))
+  return env.evaluate("ood_npz_with_unnamed_arrays", f"--ood=mnist,{path}")
+
+
+@case
 def ood_shape_mismatch(env):
   # cifar10 (32x32x3) against a 28x28x1 model, with a data_dir where cifar10 is certainly not prepared: the
   # shape check must come before any data access.
@@ -332,6 +341,12 @@ def test_checkpoint_config_does_not_match_code(results):
 def test_unknown_ood_dataset(results):
   res, out = get(results, "unknown_ood_dataset")
   H.assert_user_error(res, "'not_a_dataset'", "mnist")
+  no_results(out)
+
+
+def test_ood_npz_with_several_unnamed_arrays(results):
+  res, out = get(results, "ood_npz_with_unnamed_arrays")
+  H.assert_user_error(res, "two.npz: holds 2 arrays ['a', 'b'] and none is named", "FILE.npz:KEY")
   no_results(out)
 
 

@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 N = 150  # examples per dataset in the end-to-end run: the second batch of 100 is half padding
 BATCH = 100
 SCORES = ["ELBO", "L>0", "L>1", "L>2", "LLR>1", "LLR>2", "typicality", "input_complexity", "DoSE", "fisher"]
-FIT = 200  # --fit_examples of the end-to-end run
+FIT = 100  # --fit_examples of the end-to-end run (under N: --max_examples caps it too)
 # Native (C++) and absl-formatted log lines that TensorFlow/XLA/orbax write to stderr on their own.
 _LOG_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog)")
 
@@ -273,7 +273,8 @@ def test_eight_devices_score_a_set_smaller_than_one_batch(workdir, tfds_data_dir
   assert proc.returncode == 0, proc.stderr[-5000:]
   r = json.loads((tmp_path / "results.json").read_text())
   assert r["devices"] == 8 and r["batch_size"] == 500 and r["padded_batch_size"] == 504
-  assert r["n_examples_by_dataset"] == {"fashion_mnist": n, "fashion_mnist (sanity)": n, "mnist": n}
+  assert r["n_examples_by_dataset"] == {"fashion_mnist": n, "fashion_mnist (sanity)": n, "mnist": n,
+                                        "fashion_mnist (fit)": n}  # the fit pass, capped by --max_examples
   loaded = loading.load_for_eval(workdir)
   assert_scores_are_independent_passes(
       np.load(tmp_path / "scores.npz"), loaded.params, state_lib.model_for_config(loaded.config),
