@@ -17,7 +17,8 @@ Randomness: every call re-draws nothing. The binarisation/dequantisation noise o
 of batch j depend only on the seed, i and j (a call with the same images gives the same scores), as in evaluate's
 pass named `NOISE_NAME`.
 
-`fit` stores the fit data's oriented scores; `is_ood(score, keep)` flags the inputs whose score exceeds the
+`fit` stores the fit data's oriented scores (DoSE and fisher leave-one-out: each fit example is scored against
+the other ones, as a new input would be); `is_ood(score, keep)` flags the inputs whose score exceeds the
 `keep` quantile of them (the smallest fitted score with at least `keep` of the fit data at or below it), so that
 a fraction `keep` of in-distribution inputs like the fit data are kept. Fit on held-in data that the model did not
 train on where you can (a validation split); training data gives thresholds that keep slightly fewer.
@@ -116,7 +117,11 @@ class OODDetector:
     thresholds of `is_ood`. Returns the detector."""
     raw = self.statistics(images)
     self.fit_state = ood_scores.fit(raw, self.ks)
-    self.fitted_scores = {k: np.sort(v) for k, v in self._oriented(raw).items()}
+    fitted = self._oriented(raw)
+    # The fit data scored as new data: DoSE and fisher leave each example's own kernel / count out.
+    fitted["DoSE"] = ood_scores.dose(self.fit_state, raw, leave_one_out=True)
+    fitted["fisher"] = ood_scores.fisher(self.fit_state, raw, leave_one_out=True)
+    self.fitted_scores = {k: np.sort(v) for k, v in fitted.items()}
     return self
 
   def threshold(self, score: str = "LLR>1", keep: float = 0.95) -> float:

@@ -302,17 +302,21 @@ def _whiten(state: FitState, xk: np.ndarray) -> np.ndarray:
   return linalg.solve_triangular(state.chol, z.T, lower=True).T / state.bandwidth
 
 
-def _block_logsumexp(q: np.ndarray, wf: np.ndarray, half_f: np.ndarray) -> np.ndarray:
-  """logsumexp_i(q·wf_i - |wf_i|²/2) per row of q, with one [rows, n] array (freed on return)."""
+def _block_logsumexp(q: np.ndarray, wf: np.ndarray, half_f: np.ndarray, own: Optional[np.ndarray] = None
+                     ) -> np.ndarray:
+  """logsumexp_i(q·wf_i - |wf_i|²/2) per row of q, with one [rows, n] array (freed on return); row r leaves out
+  fit point own[r] when `own` is given."""
   block = q @ wf.T
   block -= half_f
+  if own is not None:
+    block[np.arange(len(own)), own] = -np.inf
   top = block.max(axis=1)
   block -= top[:, None]
   np.exp(block, out=block)
   return top + np.log(block.sum(axis=1))
 
 
-def _logsumexp_kernels(wq: np.ndarray, wf: np.ndarray, rows: int) -> np.ndarray:
+def _logsumexp_kernels(wq: np.ndarray, wf: np.ndarray, rows: int, leave_one_out: bool = False) -> np.ndarray:
   """logsumexp_i(-|wq - wf_i|² / 2) per query row, in blocks of `rows` query rows.
 
   -|q - f|²/2 = q·f - |f|²/2 - |q|²/2: the largest term of each row is subtracted before exp, so the sum is
@@ -322,11 +326,20 @@ def _logsumexp_kernels(wq: np.ndarray, wf: np.ndarray, rows: int) -> np.ndarray:
   half_q = 0.5 * np.einsum("ij,ij->i", wq, wq)
   out = np.empty(wq.shape[0])
   for start in range(0, wq.shape[0], rows):
-    out[start:start + rows] = _block_logsumexp(wq[start:start + rows], wf, half_f)
+    stop = min(start + rows, wq.shape[0])
+    own = np.arange(start, stop) if leave_one_out else None  # query row i is fit point i
+    out[start:stop] = _block_logsumexp(wq[start:stop], wf, half_f, own)
   return out - half_q
 
 
-def dose(fit_state: FitState, raw: Raw, chunk_rows: Optional[int] = None) -> np.ndarray:
+def _check_is_fit_data(fit_state: FitState, xk: np.ndarray) -> None:
+  if xk.shape != (fit_state.n_fit, fit_state.kept.size) or not np.array_equal(
+      xk, fit_state.fit_stats[:, fit_state.kept]):
+    raise ValueError("leave_one_out scores the fit data itself: pass the raw scores `fit` was given.")
+
+
+def dose(fit_state: FitState, raw: Raw, chunk_rows: Optional[int] = None, leave_one_out: bool = False
+         ) -> np.ndarray:
   """The negative log KDE density of the statistics (Morningstar et al. 2021), float64 [N].
 
   Args:
@@ -334,32 +347,44 @@ def dose(fit_state: FitState, raw: Raw, chunk_rows: Optional[int] = None) -> np.
     raw: the raw scores to score.
     chunk_rows: query rows per block of kernel sums (default: blocks of `CHUNK_BYTES`); the value only changes
       memory and speed.
+    leave_one_out: `raw` is the fit data itself; example i's density leaves out its own kernel (the mean over the
+      other n - 1), as a new example from the same distribution would see it. Without it a fit point's own
+      kernel, at distance 0, inflates its density, so thresholds taken on the fit data would flag far more than
+      the intended fraction of new in-distribution inputs.
   """
   n, d = fit_state.n_fit, fit_state.kept.size
   rows = chunk_rows if chunk_rows is not None else max(1, CHUNK_BYTES // (8 * n))
-  wf = _whiten(fit_state, fit_state.fit_stats[:, fit_state.kept])
-  wq = _whiten(fit_state, _kept_statistics(fit_state, raw))
-  log_norm = (math.log(n) + 0.5 * d * math.log(2.0 * math.pi) + d * math.log(fit_state.bandwidth)
-              + float(np.sum(np.log(fit_state.scale))) + float(np.sum(np.log(np.diag(fit_state.chol)))))
-  return log_norm - _logsumexp_kernels(wq, wf, int(rows))
-
-
-def empirical_pvalues(fit_state: FitState, raw: Raw) -> np.ndarray:
-  """The two-sided empirical p-value of each kept statistic against the fit data (module docstring), [N, d]."""
   xk = _kept_statistics(fit_state, raw)
-  n = fit_state.n_fit
+  if leave_one_out:
+    _check_is_fit_data(fit_state, xk)
+  wf = _whiten(fit_state, fit_state.fit_stats[:, fit_state.kept])
+  wq = _whiten(fit_state, xk)
+  log_norm = (math.log(n - 1 if leave_one_out else n) + 0.5 * d * math.log(2.0 * math.pi)
+              + d * math.log(fit_state.bandwidth) + float(np.sum(np.log(fit_state.scale)))
+              + float(np.sum(np.log(np.diag(fit_state.chol)))))
+  return log_norm - _logsumexp_kernels(wq, wf, int(rows), leave_one_out)
+
+
+def empirical_pvalues(fit_state: FitState, raw: Raw, leave_one_out: bool = False) -> np.ndarray:
+  """The two-sided empirical p-value of each kept statistic against the fit data (module docstring), [N, d];
+  with `leave_one_out`, `raw` is the fit data and example i is compared with the other n - 1."""
+  xk = _kept_statistics(fit_state, raw)
+  if leave_one_out:
+    _check_is_fit_data(fit_state, xk)
+  n = fit_state.n_fit - int(leave_one_out)
   cols = []
   for j in range(xk.shape[1]):
     sorted_j = fit_state.sorted_fit[:, j]
-    at_most = np.searchsorted(sorted_j, xk[:, j], side="right")
-    at_least = n - np.searchsorted(sorted_j, xk[:, j], side="left")
+    at_most = np.searchsorted(sorted_j, xk[:, j], side="right") - int(leave_one_out)  # itself not counted
+    at_least = fit_state.n_fit - np.searchsorted(sorted_j, xk[:, j], side="left") - int(leave_one_out)
     cols.append(np.minimum(1.0, 2.0 * (1.0 + np.minimum(at_most, at_least)) / (n + 1.0)))
   return np.column_stack(cols)
 
 
-def fisher(fit_state: FitState, raw: Raw) -> np.ndarray:
-  """Fisher's statistic -2 Σ_j log p_j over the kept statistics (Bergamin et al. 2022's combination), [N]."""
-  return -2.0 * np.sum(np.log(empirical_pvalues(fit_state, raw)), axis=1)
+def fisher(fit_state: FitState, raw: Raw, leave_one_out: bool = False) -> np.ndarray:
+  """Fisher's statistic -2 Σ_j log p_j over the kept statistics (Bergamin et al. 2022's combination), [N]
+  (`leave_one_out` as `empirical_pvalues`)."""
+  return -2.0 * np.sum(np.log(empirical_pvalues(fit_state, raw, leave_one_out)), axis=1)
 
 
 def fisher_pvalue(fit_state: FitState, raw: Raw) -> np.ndarray:

@@ -80,6 +80,33 @@ def test_dose_equals_scipy_gaussian_kde_with_scott_bandwidth():
   assert got.dtype == np.float64
 
 
+def test_leave_one_out_dose_and_fisher_against_brute_force_on_the_other_points():
+  """Each fit example scored against the other n - 1: DoSE with scipy's KDE kernel (the full fit's bandwidth and
+  covariance, the example's own kernel dropped) and fisher's p-values counted without the example itself."""
+  rng = np.random.default_rng(3)
+  x_fit = _correlated(rng, 120, 4)
+  raw = _raw(x_fit, 1, (0, 1))
+  state = oos.fit(raw, (0, 1))
+  kde = stats.gaussian_kde(x_fit.T)
+  want = np.empty(len(x_fit))
+  for i in range(len(x_fit)):
+    others = np.delete(x_fit, i, axis=0)
+    dens = stats.multivariate_normal(mean=np.zeros(4), cov=kde.covariance).pdf(x_fit[i] - others)
+    want[i] = -np.log(dens.mean())
+  np.testing.assert_allclose(oos.dose(state, raw, leave_one_out=True), want, rtol=1e-6)
+  assert np.all(oos.dose(state, raw, leave_one_out=True) > oos.dose(state, raw))  # the own kernel dropped
+  n = len(x_fit)
+  p = np.empty_like(x_fit)
+  for i in range(n):
+    others = np.delete(x_fit, i, axis=0)
+    below, above = np.sum(others <= x_fit[i], axis=0), np.sum(others >= x_fit[i], axis=0)
+    p[i] = np.minimum(1.0, 2.0 * (1.0 + np.minimum(below, above)) / n)  # n - 1 others: (1 + c) / ((n - 1) + 1)
+  np.testing.assert_allclose(oos.empirical_pvalues(state, raw, leave_one_out=True), p, rtol=1e-12)
+  np.testing.assert_allclose(oos.fisher(state, raw, leave_one_out=True), -2 * np.log(p).sum(axis=1), rtol=1e-12)
+  with pytest.raises(ValueError, match="leave_one_out scores the fit data itself"):
+    oos.dose(state, _raw(x_fit[:10], 1, (0, 1)), leave_one_out=True)
+
+
 def test_dose_approaches_the_kernel_smoothed_gaussian_for_many_samples():
   # E[KDE] = N(mu, Sigma) convolved with N(0, h^2 Sigma_hat) -> N(mu, (1 + h^2) Sigma), h = n^(-1/6) in d = 2. With
   # n = 100000 the estimate's noise at points within 2 Mahalanobis units is ~0.02 nats on average (this seed:
