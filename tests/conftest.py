@@ -70,16 +70,3 @@ def pytest_terminal_summary(terminalreporter):
   terminalreporter.write_line('seconds per module: ' + ', '.join(f'{m.split("/")[-1]} {s:.0f}' for m, s in rows))
   terminalreporter.write_line(f'CPU seconds: pytest {me.ru_utime + me.ru_stime:.0f}, subprocesses '
                               f'{kids.ru_utime + kids.ru_stime:.0f}')
-
-
-# The longest modules first (seconds of a cold clean-clone run, 2 cores): pytest-xdist's --dist loadfile hands
-# out whole files in collection order (with --no-loadscope-reorder; by default it orders them by test count), two
-# to each worker at the start, so starting with the longest balances the two workers (longest processing
-# time first) instead of leaving one long file to run alone at the end. Within a file the order is unchanged.
-_LONGEST_FIRST = ('test_evaluate.py', 'test_distributed.py', 'test_train.py', 'test_reliability.py',
-                  'test_biva.py', 'test_cli_errors.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.nodeid.split('::')[0].split('/')[-1], len(rank)))
