@@ -70,6 +70,7 @@ from hvaeood import ood_scores
 from hvaeood import plots
 from hvaeood import scoring
 from hvaeood import state as state_lib
+from hvaeood.errors import DataSourceError
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +214,29 @@ def _plan(checkpoint: str, output_dir: str, opts: dict) -> _Plan:
 
 def _load_sources(plan: _Plan) -> None:
   """Reads every non-registry OOD source into memory (every process), raising its one-line error before any
-  output is written."""
-  for name, source in plan.sources.items():
-    if source.kind != "registry":
-      plan.arrays[name] = image_sources.load(source, tuple(plan.model.spec.image_shape), resize=plan.opts["resize"],
-                                             max_examples=plan.opts["max_examples"], data_dir=plan.data_dir)
-      log.info("Read %d images of %s (%s).", len(plan.arrays[name]), name, source.spec)
+  output is written. The processes then agree (one all-gather of each set's size, -1 for a failed read) before
+  any collective: a file that one host cannot read, or reads with another number of images, stops every process
+  with an error instead of leaving the others waiting."""
+  names = [n for n, source in plan.sources.items() if source.kind != "registry"]
+  error = None
+  for name in names:
+    try:
+      plan.arrays[name] = image_sources.load(plan.sources[name], tuple(plan.model.spec.image_shape),
+                                             resize=plan.opts["resize"], max_examples=plan.opts["max_examples"],
+                                             data_dir=plan.data_dir)
+    except DataSourceError as e:
+      error = e
+      break
+    log.info("Read %d images of %s (%s).", len(plan.arrays[name]), name, plan.sources[name].spec)
+  if jax.process_count() > 1 and names:
+    sizes = np.array([[len(plan.arrays[n]) if n in plan.arrays else -1 for n in names]], np.int32)
+    every = devices.all_real_rows(sizes)
+    if error is None and not (every == every[0]).all():
+      bad = [n for n, col in zip(names, every.T) if not (col == col[0]).all()]
+      raise DataSourceError(f"The processes read different images for {', '.join(bad)} (sizes by process: "
+                            f"{every.T.tolist()}); give every host the same files.")
+  if error is not None:
+    raise error
 
 
 def _open_passes(plan: _Plan) -> list[_Pass]:

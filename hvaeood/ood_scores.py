@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import linalg, stats
 
 __all__ = ["FITTED_SCORES", "SUITE_SCORES", "FitState", "statistics", "fit", "typicality", "input_complexity",
-           "dose", "empirical_pvalues", "fisher", "fisher_pvalue", "score_all"]
+           "dose", "empirical_pvalues", "fisher", "fisher_pvalue", "suite_makers", "score_all"]
 
 FITTED_SCORES = ("typicality", "DoSE", "fisher")
 SUITE_SCORES = ("typicality", "input_complexity", "DoSE", "fisher")  # table order
@@ -392,10 +392,11 @@ def fisher_pvalue(fit_state: FitState, raw: Raw) -> np.ndarray:
   return stats.chi2.sf(fisher(fit_state, raw), 2 * fit_state.kept.size)
 
 
-def score_all(fit_state: Optional[FitState], raw: Raw, ks: Sequence[int],
-              compressed_bits: Optional[np.ndarray] = None, num_dims: Optional[int] = None
-              ) -> Dict[str, np.ndarray]:
-  """The suite's scores by name, in SUITE_SCORES order, each float64 [N] with higher = more OOD.
+def suite_makers(fit_state: Optional[FitState], raw: Raw, ks: Sequence[int],
+                 compressed_bits: Optional[np.ndarray] = None, num_dims: Optional[int] = None
+                 ) -> Dict[str, Callable[[], np.ndarray]]:
+  """The suite's scores that these arguments allow, as name -> a function computing it, in SUITE_SCORES order
+  (what `score_all` evaluates; a caller that times each score calls them one by one).
 
   Args:
     fit_state: from `fit`, or None for no fitted score (FITTED_SCORES).
@@ -414,4 +415,12 @@ def score_all(fit_state: Optional[FitState], raw: Raw, ks: Sequence[int],
                   fisher=lambda: fisher(fit_state, raw))
   if compressed_bits is not None:
     makers["input_complexity"] = lambda: input_complexity(raw, compressed_bits, num_dims)
-  return {name: makers[name]() for name in SUITE_SCORES if name in makers}
+  return {name: makers[name] for name in SUITE_SCORES if name in makers}
+
+
+def score_all(fit_state: Optional[FitState], raw: Raw, ks: Sequence[int],
+              compressed_bits: Optional[np.ndarray] = None, num_dims: Optional[int] = None
+              ) -> Dict[str, np.ndarray]:
+  """The suite's scores by name, in SUITE_SCORES order, each float64 [N] with higher = more OOD (arguments as
+  `suite_makers`)."""
+  return {name: make() for name, make in suite_makers(fit_state, raw, ks, compressed_bits, num_dims).items()}

@@ -54,22 +54,13 @@ def add_suite_scores(raw: dict[str, np.ndarray], fit_state: Optional[ood_scores.
   """Adds the suite's scores (`ood_scores.score_all`) to a pass's raw scores, in place: input_complexity from the
   pass's PNG lengths, the fitted ones when `fit_state` is given. Returns the seconds each score took."""
   seconds = {}
-  for name in ood_scores.SUITE_SCORES:
-    if name == "input_complexity":
-      if "png_bits" not in raw:
-        continue
-      t0 = time.perf_counter()
-      raw[name] = ood_scores.input_complexity(raw, raw["png_bits"], num_dims)
-    elif fit_state is None:
-      continue
-    else:
-      t0 = time.perf_counter()
-      raw[name] = _FITTED[name](fit_state, raw)
+  bits = raw.get("png_bits")
+  makers = ood_scores.suite_makers(fit_state, raw, ks, bits, None if bits is None else num_dims)
+  for name, make in makers.items():
+    t0 = time.perf_counter()
+    raw[name] = make()
     seconds[name] = time.perf_counter() - t0
   return seconds
-
-
-_FITTED = {"typicality": ood_scores.typicality, "DoSE": ood_scores.dose, "fisher": ood_scores.fisher}
 
 
 def parse_ks(ks: Optional[Sequence[int]], num_layers: int) -> tuple[int, ...]:

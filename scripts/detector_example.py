@@ -7,7 +7,6 @@ distribution) and MNIST test images (OOD) with a few scores at keep = 0.95, and 
 """
 
 import argparse
-import gzip
 import os
 import sys
 import time
@@ -18,16 +17,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hvaeood  # noqa: E402  pylint: disable=wrong-import-position
 
 hvaeood.set_xla_cpu_defaults()  # a launcher's choice, before JAX starts (see README: Performance)
-from hvaeood import OODDetector  # noqa: E402  pylint: disable=wrong-import-position
+from hvaeood import OODDetector, data_import  # noqa: E402  pylint: disable=wrong-import-position
 
 FMNIST = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
 
 
-def idx_images(path: str) -> np.ndarray:
-  """uint8 [N, 28, 28] from an IDX image file (.gz)."""
-  with gzip.open(path) as f:
-    return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+def idx_images(src_dir: str) -> dict:
+  """{split: uint8 [N, 28, 28, 1]} of a directory of IDX files (`data_import`'s validated reader)."""
+  return {f.split: data_import.read_idx(f)[0] for f in data_import.find_idx_files(src_dir)}
 
 
 def main() -> None:
@@ -35,9 +33,8 @@ def main() -> None:
   parser.add_argument("--checkpoint", default="runs/fashion_mnist_cpu")
   parser.add_argument("--fit", type=int, default=10_000)
   args = parser.parse_args()
-  train = idx_images(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))
-  test = idx_images(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz"))
-  mnist = idx_images(os.path.join(MNIST, "t10k-images-idx3-ubyte.gz"))
+  fmnist = idx_images(FMNIST)
+  train, test, mnist = fmnist["train"], fmnist["test"], idx_images(MNIST)["test"]
 
   t0 = time.perf_counter()
   det = OODDetector.from_checkpoint(args.checkpoint)
