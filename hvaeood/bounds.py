@@ -5,7 +5,7 @@ Definitions (docs/design.md §3; nats per example, summed over pixels and channe
 * ELBO: log p(x|z) - sum_l KL_l.
 * L^{>k}: z_1..z_k are the conditional prior's mean (the reference, default) or a sample of it (the paper,
   `prior_sample=True`) and carry no KL term; the posterior means of z_1..z_k feed the inference path.
-  L^{>0} = ELBO.
+  L^{>0} = ELBO; with S_k = S, `compute_bounds` reports the ELBO's own value (same samples, no extra pass).
 * Importance weighting over S samples: L_S = log (1/S) sum_s exp L^{(s)} (a log-mean-exp).
 * LLR^{>k} = L_S(x) - L^{>k}_{S_k}(x); larger means more out-of-distribution.
 
@@ -93,7 +93,8 @@ def compute_bounds(model: nn.Module, params, x: Array, rng: Array, *, iw_samples
     rng: PRNG key; every sample of every bound gets its own draws.
     iw_samples: S, importance samples of the ELBO.
     iw_samples_k: S_k, importance samples of each L^{>k}.
-    ks: the k values (each in 0..L-1; k = 0 repeats the ELBO with S_k samples).
+    ks: the k values (each in 0..L-1). L^{>0} is the ELBO: with S_k = S its row is the ELBO's own (same
+      samples, not recomputed: one pass fewer per batch); with S_k != S it is the ELBO with S_k fresh samples.
     max_rows: bound on replicas x batch evaluated at once; memory is O(max_rows) whatever S is.
     prior_sample: sample z_{<=k} from the conditional prior (paper) instead of its mean (reference).
 
@@ -108,10 +109,13 @@ def compute_bounds(model: nn.Module, params, x: Array, rng: Array, *, iw_samples
   if iw_samples < 1 or iw_samples_k < 1:
     raise ValueError(f"Importance samples must be >= 1, got S = {iw_samples}, S_k = {iw_samples_k}.")
   B = x.shape[0]
-  skips, groups = _row_plan(iw_samples, iw_samples_k, ks, max_rows, B)
-  n_groups = len(ks) + 1
+  # L^{>0} with S_k = S samples is the ELBO itself: its row is the ELBO's (one pass fewer per batch).
+  reuse = iw_samples_k == iw_samples
+  row_ks = tuple(k for k in ks if not (reuse and k == 0))
+  skips, groups = _row_plan(iw_samples, iw_samples_k, row_ks, max_rows, B)
+  n_groups = len(row_ks) + 1
   onehot = jnp.asarray(groups[..., None] == np.arange(n_groups), jnp.float32)  # [n_chunks, chunk, G]
-  counts = np.array([iw_samples] + [iw_samples_k] * len(ks), np.float32)
+  counts = np.array([iw_samples] + [iw_samples_k] * len(row_ks), np.float32)
 
   def body(carry, inp):
     m, s, log_px_sum, kl_sum = carry
@@ -133,7 +137,9 @@ def compute_bounds(model: nn.Module, params, x: Array, rng: Array, *, iw_samples
   (m, s, log_px_sum, kl_sum), _ = jax.lax.scan(
       body, init, (jnp.arange(skips.shape[0]), jnp.asarray(skips), onehot))
   lse = m + jnp.log(s) - jnp.log(jnp.asarray(counts))[:, None]
-  elbo, lk = lse[0], lse[1:]
+  elbo = lse[0]
+  group = {k: g for g, k in enumerate(row_ks, start=1)}
+  lk = jnp.stack([lse[group[k]] if k in group else elbo for k in ks]) if ks else lse[1:]
   return Bounds(elbo, lk, elbo[None] - lk, log_px_sum / iw_samples, kl_sum / iw_samples, tuple(ks))
 
 

@@ -116,7 +116,7 @@ class OODDetector:
     """Fits the fitted scores (typicality, DoSE, fisher) on held-in images and keeps every score of them for the
     thresholds of `is_ood`. Returns the detector."""
     raw = self.statistics(images)
-    self.fit_state = ood_scores.fit(raw, self.ks)
+    self.fit_state = ood_scores.fit(raw, ood_scores.statistics_ks(self.ks))
     fitted = self._oriented(raw)
     # The fit data scored as new data: DoSE and fisher leave each example's own kernel / count out.
     fitted["DoSE"] = ood_scores.dose(self.fit_state, raw, leave_one_out=True)

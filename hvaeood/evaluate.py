@@ -320,7 +320,7 @@ def _add_suite(plan: _Plan, scores: dict) -> dict[str, float]:
   fit_state = None
   if fit_name in scores:
     t0 = time.perf_counter()
-    fit_state = ood_scores.fit(scores[fit_name], plan.ks)
+    fit_state = ood_scores.fit(scores[fit_name], ood_scores.statistics_ks(plan.ks))
     seconds["fit"] = time.perf_counter() - t0
   num_dims = math.prod(plan.model.spec.image_shape)
   for name, raw in scores.items():

@@ -7,7 +7,8 @@ the input is what `evaluate` writes to scores.npz for one dataset (nats, not sig
          "kl": [N, L] (the per-layer KL)}.
 
 Statistics (DoSE and fisher). s(x) = (log p(x|z), KL_1 .. KL_L, L^{>k} for every k in ks), named "log_px",
-"kl[0]" .. "kl[L-1]", "L>k". `fit` keeps, on the fit data, the first of each group of exactly equal columns and
+"kl[0]" .. "kl[L-1]", "L>k". The evaluation and the detector use the k >= 1 of their ks (`statistics_ks`): L^{>0}
+is the ELBO, log p(x|z) - Σ KL of the same samples, so it adds nothing to the other columns. `fit` keeps, on the fit data, the first of each group of exactly equal columns and
 drops the columns that are constant there (spread <= 1e-12 of their magnitude): a duplicate adds nothing and
 would count twice in fisher, a constant has no density, and both make the covariance singular. d is the number
 of columns kept, n the number of fit examples; s_j(x_i), i = 1..n, are the fit values of kept column j.
@@ -55,7 +56,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from scipy import linalg, stats
 
-__all__ = ["FITTED_SCORES", "SUITE_SCORES", "FitState", "statistics", "fit", "typicality", "input_complexity",
+__all__ = ["FITTED_SCORES", "SUITE_SCORES", "FitState", "statistics_ks", "statistics", "fit", "typicality", "input_complexity",
            "dose", "empirical_pvalues", "fisher", "fisher_pvalue", "suite_makers", "score_all"]
 
 FITTED_SCORES = ("typicality", "DoSE", "fisher")
@@ -101,6 +102,12 @@ def _check_finite(names: Sequence[str], x: np.ndarray, what: str) -> None:
   if bad.any():
     cols = [f"{names[j]} ({int(np.sum(~np.isfinite(x[:, j])))})" for j in np.flatnonzero(bad)]
     raise ValueError(f"{what} has non-finite values in {', '.join(cols)}; drop or fix those examples first")
+
+
+def statistics_ks(ks: Sequence[int]) -> Tuple[int, ...]:
+  """The k of an evaluation's ks whose L>k enter the statistics: every k >= 1 (L>0 is the ELBO, a function of
+  log_px and the KLs: a column that would add nothing and make their covariance singular)."""
+  return tuple(k for k in _ks(ks) if k >= 1)
 
 
 def statistics(raw: Raw, ks: Sequence[int]) -> Tuple[List[str], np.ndarray]:

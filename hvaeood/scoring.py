@@ -52,10 +52,12 @@ def oriented_scores(raw: dict[str, np.ndarray], ks: Sequence[int]) -> dict[str, 
 def add_suite_scores(raw: dict[str, np.ndarray], fit_state: Optional[ood_scores.FitState], ks: Sequence[int],
                      num_dims: int) -> dict[str, float]:
   """Adds the suite's scores (`ood_scores.score_all`) to a pass's raw scores, in place: input_complexity from the
-  pass's PNG lengths, the fitted ones when `fit_state` is given. Returns the seconds each score took."""
+  pass's PNG lengths, the fitted ones when `fit_state` is given (fitted with `ood_scores.statistics_ks(ks)`).
+  Returns the seconds each score took."""
   seconds = {}
   bits = raw.get("png_bits")
-  makers = ood_scores.suite_makers(fit_state, raw, ks, bits, None if bits is None else num_dims)
+  makers = ood_scores.suite_makers(fit_state, raw, ood_scores.statistics_ks(ks), bits,
+                                   None if bits is None else num_dims)
   for name, make in makers.items():
     t0 = time.perf_counter()
     raw[name] = make()

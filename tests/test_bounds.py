@@ -132,6 +132,36 @@ def test_iw_bounds_reproduce_single_passes(tiny, max_rows, chunk):
   assert np.all(np.std(np.stack(vals[0]), axis=0) > 0)
 
 
+@pytest.mark.parametrize("S,max_rows", [(1, 2048), (2, 8)])
+def test_l0_is_the_elbo_rows_when_s_k_equals_s(tiny, S, max_rows):
+  """With S_k = S and k = 0 in ks, L>0 is not recomputed: the rows are the ELBO's S, then S per k >= 1
+  ([0 | 1 | 2] for S = 1; [0, 0 | 1, 1 | 2, 2] in chunks of 2 for S = 2), L>0 equals the reported ELBO
+  bitwise (LLR>0 = 0), and every other bound is the log-mean-exp of its own rows of that layout."""
+  model, params, x = tiny
+  xb = jnp.asarray(x[:4])
+  ks, rng = (0, 1, 2), jax.random.key(5)
+  res = bounds.compute_bounds(model, params, xb, rng, iw_samples=S, iw_samples_k=S, ks=ks, max_rows=max_rows)
+  chunk = min(3 * S, max_rows // 4)
+  skips, groups = _layout(S, S, (1, 2), chunk)
+  vals = {g: [] for g in range(3)}
+  for i, (sk, gr) in enumerate(zip(skips, groups)):
+    out = _apply(model, params, xb, jnp.asarray(sk, jnp.int32), jax.random.fold_in(rng, i), False)
+    for j, g in enumerate(gr):
+      if g >= 0:
+        vals[g].append(_np(out.elbo[j]))
+  elbo = _np_log_mean_exp(np.stack(vals[0]))
+  np.testing.assert_allclose(_np(res.elbo), elbo, rtol=1e-5)
+  np.testing.assert_array_equal(_np(res.lk[0]), _np(res.elbo))
+  np.testing.assert_array_equal(_np(res.llr[0]), np.zeros(4))
+  for g in (1, 2):
+    np.testing.assert_allclose(_np(res.lk[g]), _np_log_mean_exp(np.stack(vals[g])), rtol=1e-5)
+  # k = 0 elsewhere than first, and alone
+  alone = bounds.compute_bounds(model, params, xb, rng, iw_samples=S, iw_samples_k=S, ks=(2, 0), max_rows=max_rows)
+  np.testing.assert_array_equal(_np(alone.lk[1]), _np(alone.elbo))
+  only = bounds.compute_bounds(model, params, xb, rng, iw_samples=S, iw_samples_k=S, ks=(0,), max_rows=max_rows)
+  np.testing.assert_array_equal(_np(only.lk), _np(only.elbo)[None])
+
+
 def test_iw_elbo_exceeds_single_sample_elbo(tiny):
   """Jensen: per example the IW bound >= the mean of the same samples' single-sample ELBOs (which compute_bounds
   reports as log_px - sum kl, both averaged over the S samples); and over 32 examples, IW with S = 8 beats the
