@@ -19,6 +19,7 @@ def __getattr__(name: str):
   raise AttributeError(f"module 'hvaeood' has no attribute {name!r}")
 
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+_YNN_KINDS = "reduce"  # the ops XLA:CPU hands to YNNPACK; convolutions and dots stay on Eigen
 
 # jaxlib releases in which the flag was checked to exist (XLA aborts on an unknown XLA_FLAGS entry).
 _CHECKED_JAXLIB = ((0, 10),)
@@ -34,10 +35,12 @@ def _jaxlib_version() -> tuple[int, int]:
 
 
 def set_xla_cpu_defaults(environ=None) -> bool:
-  """Runs XLA:CPU's convolutions and dots through its multi-threaded Eigen kernels instead of YNNPACK.
+  """Runs XLA:CPU's convolutions and dots through its multi-threaded Eigen kernels, its reductions through YNNPACK.
 
   On a 2-core CPU the YNNPACK convolutions of jaxlib 0.10 run on one thread and the Eigen ones on every core
-  (benchmarks/README.md, change 6). Only the CPU backend reads the flag. It is added to `XLA_FLAGS` unless that
+  (benchmarks/README.md, change 6), while without YNNPACK XLA splits every large reduction (a bias gradient, a KL
+  sum) into a reduce-window that runs ~30x slower than YNNPACK's reduce (change 8). Only the CPU backend reads
+  the flag. It is added to `XLA_FLAGS` unless that
   already sets it or the environment sets `HVAEOOD_XLA_CPU_DEFAULTS=0`, and only for the jaxlib releases in
   `_CHECKED_JAXLIB` (XLA aborts on a flag it does not know). Call it before JAX starts its CPU backend (before
   the first computation); the launchers do, as their first statement.
@@ -54,5 +57,5 @@ def set_xla_cpu_defaults(environ=None) -> bool:
   flags = environ.get("XLA_FLAGS", "")
   if _YNN_FLAG in flags or _jaxlib_version() not in _CHECKED_JAXLIB:
     return False
-  environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}=".strip()
+  environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}={_YNN_KINDS}".strip()
   return True

@@ -102,7 +102,10 @@ class _WeightNormBase(nn.Module):
 #     depth-to-space; its gradients are stride-1 convs too;
 #   * strided conv -> the plain forward (fast), with a custom VJP whose input gradient is that sub-pixel
 #     transposed conv (the space-to-depth rewrite `conv_strided_s2d` is exact as well, but measured slower);
-#   * a large batch is split into cache-sized static chunks (cuts the gradient convs' CPU time).
+#   * a large batch is split into cache-sized static chunks (cuts the gradient convs' CPU time);
+#   * the two inputs of every weight-gradient conv are materialised (`materialised`): XLA:CPU transposes both for
+#     its conv kernel, and a transpose into which XLA fused their elementwise producers (residual adds, ReLU,
+#     chunk slices) ran ~10x slower than the same transpose of a stored array.
 # The sub-pixel kernel is built from the folded weight w by pads, reshapes, transposes and flips only (a static
 # gather), so the stored parameters are the same for both paths, and results agree to float32 rounding
 # (tests/test_layers_fast.py). Measurements: benchmarks/README.md, benchmarks/microbench_convs.py.
@@ -116,8 +119,10 @@ class ConvPolicy:
       the CPU backend, where they were measured faster, plain on GPU and TPU, where XLA's own convolutions are
       used until the rewrites are measured there (`resolve_fast`).
     chunk_bytes: the fast path splits a conv's batch into static chunks whose input and output stay under about
-      this many bytes (at most `CONV_MAX_CHUNKS` chunks), so the gradient convs run in cache; 0 turns chunking
-      off, None is `DEFAULT_CONV_CHUNK_BYTES`.
+      this many bytes, so the gradient convs run in cache; a batch that would need more than `CONV_MAX_CHUNKS`
+      chunks (e.g. an evaluation's 1,500 rows) is not split, since its chunks would not fit either and the split
+      only adds copies (benchmarks/README.md, change 9); 0 turns chunking off, None is
+      `DEFAULT_CONV_CHUNK_BYTES`.
   """
   fast: Optional[bool] = None
   chunk_bytes: Optional[int] = None
@@ -143,6 +148,39 @@ def resolve_fast(fast: Optional[bool]) -> bool:
 def conv_plain(x: Array, w: Array, stride: int, pads) -> Array:
   """Reference strided conv, explicit (lo, hi) padding per spatial axis (HWIO kernel, NHWC)."""
   return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=_DN)
+
+
+def materialised(x: Array) -> Array:
+  """x, as the output of an operation that XLA cannot fuse into x's consumers.
+
+  A conditional on x's first value whose two branches both return x's values: `v`, and, only when that value is
+  NaN (a diverged step, whose gradients are not finite anyway), abs(v) * sign(v), which is v for every float
+  (NaN, infinities and signed zeros included) except that XLA:CPU may flush subnormals to zero. XLA cannot fold
+  the predicate, so it keeps the conditional (two identical branches it would fold), and the consumers read the
+  stored array instead of recomputing its elementwise producers (`lax.optimization_barrier` does not do this:
+  XLA:CPU drops it before fusion). Costs one copy of x.
+  """
+  first = x.reshape(-1)[0]
+  return lax.cond(first != first, lambda v: jnp.abs(v) * jnp.sign(v), lambda v: v, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_s1(x: Array, w: Array, pads) -> Array:
+  """conv_plain(x, w, 1, pads), whose weight gradient reads materialised inputs (`materialised`)."""
+  return conv_plain(x, w, 1, pads)
+
+
+def _conv_s1_fwd(x, w, pads):
+  return conv_plain(x, w, 1, pads), (x, w)
+
+
+def _conv_s1_bwd(pads, res, ct):
+  x, w = res
+  _, vjp = jax.vjp(lambda x_, w_: conv_plain(x_, w_, 1, pads), materialised(x), w)
+  return vjp(materialised(ct))
+
+
+conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
 
 
 def conv_transpose_plain(x: Array, w: Array, stride: int, pads) -> Array:
@@ -231,7 +269,7 @@ def conv_transpose_subpixel(x: Array, w: Array, stride: int, pads) -> Array:
     outs.append(out)
     qs.append(q)
   kern = subpixel_kernel(w, s, (pads[0][0], pads[1][0]))
-  z = lax.conv_general_dilated(x, kern, (1, 1), conv_pads, dimension_numbers=_DN)
+  z = conv_s1(x, kern, tuple(conv_pads))
   z = z.reshape(n, qs[0], qs[1], s, s, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, qs[0] * s, qs[1] * s, f)
   if (qs[0] * s, qs[1] * s) != tuple(outs):
     z = z[:, :outs[0], :outs[1]]
@@ -254,7 +292,7 @@ def conv_strided_fastgrad(x: Array, w: Array, stride: int, pads) -> Array:
   """Equals conv_plain(x, w, stride, pads) in value and gradient. The forward pass is the plain strided conv
   (fast in XLA:CPU); the input gradient, which autodiff would emit as an lhs-dilated conv (slow generic loop),
   is the transposed conv of the cotangent with the flipped kernel, run as a sub-pixel stride-1 conv; the weight
-  gradient is autodiff's (a rhs-dilated conv, which XLA:CPU runs well)."""
+  gradient is autodiff's (a rhs-dilated conv, which XLA:CPU runs well) of materialised inputs."""
   return conv_plain(x, w, stride, pads)
 
 
@@ -269,7 +307,7 @@ def _conv_strided_fastgrad_bwd(stride, pads, res, ct):
                    for a, (lo, _) in zip((1, 2), pads))
   w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
   dx = conv_transpose_subpixel(ct, w_t, stride, lhs_pads)
-  dw = jax.vjp(lambda w_: conv_plain(x, w_, stride, pads), w)[1](ct)[0]
+  dw = jax.vjp(lambda w_: conv_plain(materialised(x), w_, stride, pads), w)[1](materialised(ct))[0]
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -282,7 +320,10 @@ def _num_chunks(x: Array, out_shape, chunk_bytes: Optional[int]) -> int:
     return 1
   n = x.shape[0]
   per_example = max(math.prod(x.shape[1:]), math.prod(out_shape[1:])) * x.dtype.itemsize
-  return max(1, min(n, CONV_MAX_CHUNKS, -(-n * per_example // chunk_bytes)))
+  chunks = -(-n * per_example // chunk_bytes)
+  if chunks > CONV_MAX_CHUNKS:  # chunks over the budget stay out of cache: the split would only add copies
+    return 1
+  return max(1, min(n, chunks))
 
 
 def _batch_chunked(fn: Callable[[Array], Array], x: Array, chunks: int) -> Array:
@@ -315,7 +356,7 @@ def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: O
     if stride > 1:
       conv = lambda xc: conv_strided_fastgrad(xc, w, stride, pads)
     else:
-      conv = lambda xc: conv_plain(xc, w, 1, pads)
+      conv = lambda xc: conv_s1(xc, w, pads)
     out_hw = tuple(-(-d // stride) for d in x.shape[1:3])
   return _batch_chunked(conv, x, _num_chunks(x, (x.shape[0],) + out_hw + (w.shape[-1],), chunk_bytes))
 

@@ -100,9 +100,22 @@ def test_conv2d_batch_chunks_equal_plain(k, s, transpose, h):
   """With a tiny chunk budget conv2d splits the batch into unequal chunks; results are unchanged."""
   rng, x, wt = _inputs(k + h, 7, h, h, 3, k, 4)
   out_hw = h * s if transpose else -(-h // s)
-  assert layers._num_chunks(x, (7, out_hw, out_hw, 4), 2000) > 1
+  budget = 2 * 4 * max(h * h * 3, out_hw * out_hw * 4)  # two examples' input or output: chunks of 2, 2, 1, 2
+  assert layers._num_chunks(x, (7, out_hw, out_hw, 4), budget) == 4
   _check_same(lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=False),
-              lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=2000), x, wt, rng)
+              lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=budget), x, wt, rng)
+
+
+def test_batch_chunks_only_where_they_fit_the_budget():
+  """A batch needing at most CONV_MAX_CHUNKS chunks of the budget is split into that many; one needing more (an
+  evaluation's thousands of rows) is not split at all (its chunks would not fit in cache either)."""
+  per = 28 * 28 * 64 * 4
+  x = jax.ShapeDtypeStruct((128, 28, 28, 64), jnp.float32)
+  assert layers._num_chunks(x, (128, 28, 28, 64), 8 << 20) == math.ceil(128 * per / (8 << 20)) == 4
+  big = jax.ShapeDtypeStruct((1500, 28, 28, 64), jnp.float32)
+  assert math.ceil(1500 * per / (8 << 20)) > layers.CONV_MAX_CHUNKS
+  assert layers._num_chunks(big, (1500, 28, 28, 64), 8 << 20) == 1
+  assert layers._num_chunks(x, (128, 28, 28, 64), 0) == 1
 
 
 def test_fast_conv_is_the_default_on_cpu_only():
@@ -132,3 +145,29 @@ def test_wnconv_params_interchangeable_between_paths(k, s, transpose):
   for name in ("v", "g", "b"):  # data-dependent init sees the same pre-activations on both paths
     np.testing.assert_allclose(p_fast[name], p_plain[name], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(y_fast, y_plain, rtol=1e-4, atol=1e-4)
+
+
+def test_materialised_returns_every_float_bitwise():
+  """`materialised` is the identity on every class of float32 value (NaN, infinities, signed zeros, subnormals,
+  the largest normal); when the first element is NaN it takes its other branch, which may flush subnormals."""
+  special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1e-45, -3e-39, 3.4e38, -1.5, 2.0], np.float32)
+  f = jax.jit(layers.materialised)
+  for first in (np.float32(0.5), np.float32(np.nan)):
+    x = np.concatenate([[first], special, np.random.default_rng(0).standard_normal(37).astype(np.float32)])
+    x = x.reshape(2, 4, 6)
+    got = np.asarray(f(jnp.asarray(x)))
+    keep = np.ones(x.shape, bool) if first == 0.5 else ~((np.abs(x) < 1.18e-38) & (x != 0))
+    np.testing.assert_array_equal(got.view(np.uint32)[keep], x.view(np.uint32)[keep])
+    assert np.all(got[~keep] == 0)
+
+
+def test_weight_gradients_read_materialised_inputs():
+  """The compiled gradient of a fast stride-1, strided and transposed conv keeps the conditionals that
+  materialise the weight-gradient inputs (two per conv): XLA must not fold them, or the transposes it adds for
+  its conv kernel fuse the inputs' producers again (the speed lost is in benchmarks/README.md, change 9)."""
+  rng, x, wt = _inputs(3, 4, 8, 8, 3, 5, 4)
+  for s, transpose in ((1, False), (2, False), (2, True)):
+    loss = lambda x, wt: jnp.sum(jnp.sin(layers.conv2d(jax.nn.relu(x + 1.0), wt, s, transpose, fast=True,
+                                                       chunk_bytes=0)))
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, wt).compile().as_text()
+    assert hlo.count(" conditional(") == 2, (s, transpose)

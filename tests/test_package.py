@@ -40,9 +40,9 @@ def test_importing_every_module_changes_no_process_wide_state():
 
 @pytest.mark.skipif(not _checked_jaxlib(), reason="the default is only set for jaxlib releases known to have the flag")
 def test_default_added_and_other_flags_kept():
-  assert _after(call=True)[0] == f"{FLAG}="
+  assert _after(call=True)[0] == f"{FLAG}=reduce"
   assert _after(call=True, XLA_FLAGS="--xla_force_host_platform_device_count=2")[0] == (
-      f"--xla_force_host_platform_device_count=2 {FLAG}=")
+      f"--xla_force_host_platform_device_count=2 {FLAG}=reduce")
 
 
 def test_opt_out_and_explicit_setting_are_respected():
