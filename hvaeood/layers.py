@@ -160,7 +160,7 @@ def materialised(x: Array) -> Array:
   stored array instead of recomputing its elementwise producers (`lax.optimization_barrier` does not do this:
   XLA:CPU drops it before fusion). Costs one copy of x.
   """
-  first = x.reshape(-1)[0]
+  first = x[(0,) * x.ndim]
   return lax.cond(first != first, lambda v: jnp.abs(v) * jnp.sign(v), lambda v: v, x)
 
 

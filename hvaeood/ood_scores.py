@@ -6,12 +6,13 @@ the input is what `evaluate` writes to scores.npz for one dataset (nats, not sig
   raw = {"ELBO": [N], "L>k": [N] and "LLR>k": [N] for each k in ks, "log_px": [N] (log p(x|z)),
          "kl": [N, L] (the per-layer KL)}.
 
-Statistics (DoSE and fisher). s(x) = (log p(x|z), KL_1 .. KL_L, L^{>k} for every k in ks), named "log_px",
-"kl[0]" .. "kl[L-1]", "L>k". The evaluation and the detector use the k >= 1 of their ks (`statistics_ks`): L^{>0}
-is the ELBO, log p(x|z) - Σ KL of the same samples, so it adds nothing to the other columns. `fit` keeps, on the fit data, the first of each group of exactly equal columns and
-drops the columns that are constant there (spread <= 1e-12 of their magnitude): a duplicate adds nothing and
-would count twice in fisher, a constant has no density, and both make the covariance singular. d is the number
-of columns kept, n the number of fit examples; s_j(x_i), i = 1..n, are the fit values of kept column j.
+Statistics (DoSE and fisher). s(x) = (log p(x|z), KL_1 .. KL_L, L^{>k} for every k in ks), named "log_px", "kl[0]"
+.. "kl[L-1]", "L>k". The evaluation and the detector use the k >= 1 of their ks (`statistics_ks`): L^{>0} is the
+ELBO, log p(x|z) - Σ KL of the same samples, so it adds nothing to the other columns. `fit` keeps, on the fit data,
+the first of each group of exactly equal columns and drops the columns that are constant there (spread <= 1e-12 of
+their magnitude): a duplicate adds nothing and would count twice in fisher, a constant has no density, and both make
+the covariance singular. d is the number of columns kept, n the number of fit examples; s_j(x_i), i = 1..n, are the
+fit values of kept column j.
 
 Scores (x a test example, x_i the fit examples, which should be held-out in-distribution data):
 
@@ -56,8 +57,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from scipy import linalg, stats
 
-__all__ = ["FITTED_SCORES", "SUITE_SCORES", "FitState", "statistics_ks", "statistics", "fit", "typicality", "input_complexity",
-           "dose", "empirical_pvalues", "fisher", "fisher_pvalue", "suite_makers", "score_all"]
+__all__ = ["FITTED_SCORES", "SUITE_SCORES", "FitState", "statistics_ks", "statistics", "fit", "typicality",
+           "input_complexity", "dose", "empirical_pvalues", "fisher", "fisher_pvalue", "suite_makers", "score_all"]
 
 FITTED_SCORES = ("typicality", "DoSE", "fisher")
 SUITE_SCORES = ("typicality", "input_complexity", "DoSE", "fisher")  # table order
