@@ -138,8 +138,8 @@ def compute_bounds(model: nn.Module, params, x: Array, rng: Array, *, iw_samples
       body, init, (jnp.arange(skips.shape[0]), jnp.asarray(skips), onehot))
   lse = m + jnp.log(s) - jnp.log(jnp.asarray(counts))[:, None]
   elbo = lse[0]
-  group = {k: g for g, k in enumerate(row_ks, start=1)}
-  lk = jnp.stack([lse[group[k]] if k in group else elbo for k in ks]) if ks else lse[1:]
+  group = {k: g for g, k in enumerate(row_ks, start=1)}  # a reused L>0 reads group 0, the ELBO's
+  lk = lse[np.asarray([group.get(k, 0) for k in ks], np.int32)]
   return Bounds(elbo, lk, elbo[None] - lk, log_px_sum / iw_samples, kl_sum / iw_samples, tuple(ks))
 
 
