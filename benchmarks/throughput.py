@@ -8,7 +8,8 @@ Imports no TensorFlow (runs on accelerator images without it). Figures: `train_i
 ELBO and every L^{>k} of a batch, S samples, one jitted call), `compile_s` (training step), `peak_rss_mb`,
 `flops_per_train_image` (XLA cost analysis of the compiled step), `achieved_gflops`, device kind and count, and
 the convolution path (`conv_impl`: config.model.conv_impl or `--conv_impl`; `fast_conv`: whether it resolves to
-the stride-1 rewrites on this backend; `conv_chunk_bytes`: their batch-chunk budget, 0 = no chunking).
+the stride-1 rewrites on this backend; `onednn_conv`: whether their convs run on oneDNN; `conv_chunk_bytes`:
+their batch-chunk budget, 0 = no chunking).
 """
 
 from __future__ import annotations
@@ -56,16 +57,19 @@ def conv_settings(config, model) -> dict:
   from hvaeood import layers  # pylint: disable=import-outside-toplevel
   policy = model.spec.conv
   chunk = layers.DEFAULT_CONV_CHUNK_BYTES if policy.chunk_bytes is None else policy.chunk_bytes
-  return {"conv_impl": config.model.get("conv_impl", "auto"), "fast_conv": layers.resolve_fast(policy.fast),
-          "conv_chunk_bytes": chunk}
+  fast = layers.resolve_fast(policy.fast)
+  dtype = config.model.get("compute_dtype", "float32")
+  return {"conv_impl": config.model.get("conv_impl", "auto"), "fast_conv": fast,
+          "onednn_conv": layers.resolve_onednn(policy.onednn, fast, dtype), "conv_chunk_bytes": chunk}
 
 
 def add_conv_args(ap: argparse.ArgumentParser) -> None:
   """--conv_impl and --chunk_bytes (config.model.conv_impl / conv_chunk_bytes)."""
   from hvaeood import layers  # pylint: disable=import-outside-toplevel
   ap.add_argument("--conv_impl", choices=layers.CONV_IMPLS, default=None,
-                  help="set config.model.conv_impl: auto (the stride-1 rewrites on CPU only), fast or plain "
-                       "(plain lax convolutions; default: the config's)")
+                  help="set config.model.conv_impl: auto (the stride-1 rewrites on CPU only, on oneDNN where "
+                       "usable), onednn (oneDNN required), fast (the rewrites on XLA's kernels) or plain (plain "
+                       "lax convolutions; default: the config's)")
   ap.add_argument("--chunk_bytes", type=int, default=None,
                   help="set config.model.conv_chunk_bytes, the fast path's batch-chunk budget (0: no chunking; "
                        f"default: the config's, None = {layers.DEFAULT_CONV_CHUNK_BYTES})")

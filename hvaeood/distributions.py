@@ -168,7 +168,7 @@ class Likelihood(nn.Module):
 
   def head_conv(self, features: int, kernel: int) -> WNConv:
     return WNConv(features, kernel, dtype=self.dtype, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes,
-                  name="conv")
+                  onednn=self.conv.onednn, name="conv")
 
 
 class BernoulliLikelihood(Likelihood):

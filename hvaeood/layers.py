@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hvaeood import onednn as onednn_lib
+
 Array = jax.Array
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -105,7 +107,10 @@ class _WeightNormBase(nn.Module):
 #   * a large batch is split into cache-sized static chunks (cuts the gradient convs' CPU time);
 #   * the two inputs of every weight-gradient conv are materialised (`materialised`): XLA:CPU transposes both for
 #     its conv kernel, and a transpose into which XLA fused their elementwise producers (residual adds, ReLU,
-#     chunk slices) ran ~10x slower than the same transpose of a stored array.
+#     chunk slices) ran ~10x slower than the same transpose of a stored array;
+#   * on a single CPU device with jaxlib's oneDNN runtime (`hvaeood.onednn`), the forward convs and the input
+#     gradients of stride-1 convs run on oneDNN's kernels (1.2-1.4x XLA's Eigen kernels here), the weight
+#     gradients stay with XLA.
 # The sub-pixel kernel is built from the folded weight w by pads, reshapes, transposes and flips only (a static
 # gather), so the stored parameters are the same for both paths, and results agree to float32 rounding
 # (tests/test_layers_fast.py). Measurements: benchmarks/README.md, benchmarks/microbench_convs.py.
@@ -123,19 +128,26 @@ class ConvPolicy:
       chunks (e.g. an evaluation's 1,500 rows) is not split, since its chunks would not fit either and the split
       only adds copies (benchmarks/README.md, change 9); 0 turns chunking off, None is
       `DEFAULT_CONV_CHUNK_BYTES`.
+    onednn: run the fast path's forward and input-gradient convs on oneDNN (`hvaeood.onednn`); None: where
+      `resolve_onednn` finds it usable (CPU backend, one device, float32, a verified jaxlib), True: required
+      (an error where it cannot run), False: XLA's kernels only.
   """
   fast: Optional[bool] = None
   chunk_bytes: Optional[int] = None
+  onednn: Optional[bool] = None
 
   @classmethod
   def from_name(cls, impl: str, chunk_bytes: Optional[int] = None) -> "ConvPolicy":
-    """'auto' | 'fast' | 'plain' (config.model.conv_impl) -> a policy."""
+    """'auto' | 'onednn' | 'fast' | 'plain' (config.model.conv_impl) -> a policy."""
     if impl not in CONV_IMPLS:
       raise ValueError(f"config.model.conv_impl={impl!r} is not one of {CONV_IMPLS}.")
-    return cls({"auto": None, "fast": True, "plain": False}[impl], chunk_bytes)
+    fast, dnn = {"auto": (None, None), "onednn": (True, True), "fast": (True, False), "plain": (False, False)}[impl]
+    return cls(fast, chunk_bytes, dnn)
 
 
-CONV_IMPLS = ("auto", "fast", "plain")
+# auto: the CPU rewrites on the CPU backend, with oneDNN's kernels where usable; onednn: those, oneDNN required;
+# fast: the rewrites on XLA's kernels only; plain: lax convolutions.
+CONV_IMPLS = ("auto", "onednn", "fast", "plain")
 DEFAULT_CONV_CHUNK_BYTES = 8 << 20
 CONV_MAX_CHUNKS = 8
 
@@ -143,6 +155,28 @@ CONV_MAX_CHUNKS = 8
 def resolve_fast(fast: Optional[bool]) -> bool:
   """`fast`, or for None whether the default backend is the CPU (the only backend the fast paths were measured on)."""
   return jax.default_backend() == "cpu" if fast is None else bool(fast)
+
+
+def resolve_onednn(onednn: Optional[bool], fast: bool, dtype=jnp.float32) -> bool:
+  """Whether the fast path runs its convs on oneDNN: `onednn`, or for None whether it can here (the fast path on
+  the CPU backend, float32, a single device: the custom call has no SPMD partitioning rule, and
+  `onednn.available()`).
+
+  Raises:
+    ValueError: `onednn` is True where oneDNN cannot run, naming why and the fix.
+  """
+  if onednn is False or not fast:
+    return False
+  usable = (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1)
+  if onednn is None:
+    return usable and onednn_lib.available()
+  if not usable or not onednn_lib.available():
+    raise ValueError(
+        "config.model.conv_impl='onednn' needs the CPU backend, float32 compute, a single device and jaxlib's "
+        f"oneDNN runtime on x86-64 Linux (a verified jaxlib: {onednn_lib.VERIFIED_JAXLIB}); here backend="
+        f"{jax.default_backend()}, dtype={jnp.dtype(dtype).name}, devices={jax.device_count()}: use "
+        "conv_impl='auto'.")
+  return True
 
 
 def conv_plain(x: Array, w: Array, stride: int, pads) -> Array:
@@ -164,20 +198,33 @@ def materialised(x: Array) -> Array:
   return lax.cond(first != first, lambda v: jnp.abs(v) * jnp.sign(v), lambda v: v, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_s1(x: Array, w: Array, pads) -> Array:
-  """conv_plain(x, w, 1, pads), whose weight gradient reads materialised inputs (`materialised`)."""
-  return conv_plain(x, w, 1, pads)
+def conv_fwd(x: Array, w: Array, stride: int, pads, dnn: bool = False) -> Array:
+  """conv_plain, on oneDNN when `dnn` (forward only: no autodiff rule; callers define the VJP)."""
+  return onednn_lib.conv(x, w, stride, pads) if dnn else conv_plain(x, w, stride, pads)
 
 
-def _conv_s1_fwd(x, w, pads):
-  return conv_plain(x, w, 1, pads), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_s1(x: Array, w: Array, pads, dnn: bool = False) -> Array:
+  """conv_plain(x, w, 1, pads), whose weight gradient reads materialised inputs (`materialised`); with `dnn`
+  the forward conv and the input gradient run on oneDNN."""
+  return conv_fwd(x, w, 1, pads, dnn)
 
 
-def _conv_s1_bwd(pads, res, ct):
+def _conv_s1_fwd(x, w, pads, dnn):
+  return conv_fwd(x, w, 1, pads, dnn), (x, w)
+
+
+def _conv_s1_bwd(pads, dnn, res, ct):
   x, w = res
-  _, vjp = jax.vjp(lambda x_, w_: conv_plain(x_, w_, 1, pads), materialised(x), w)
-  return vjp(materialised(ct))
+  k = w.shape[:2]
+  dx_pads = tuple((k[a] - 1 - lo, k[a] - 1 - hi) for a, (lo, hi) in enumerate(pads))
+  if not (dnn and min(min(p) for p in dx_pads) >= 0):
+    _, vjp = jax.vjp(lambda x_, w_: conv_plain(x_, w_, 1, pads), materialised(x), w)
+    return vjp(materialised(ct))
+  # dx[i] = sum_j ct[i + j - (k-1-lo)] w[k-1-j]: a stride-1 conv of ct with the flipped kernel read as HWOI.
+  dx = onednn_lib.conv(ct, jnp.flip(w, (0, 1)), 1, dx_pads, kernel_transposed=True)
+  dw = jax.vjp(lambda w_: conv_plain(materialised(x), w_, 1, pads), w)[1](materialised(ct))[0]
+  return dx, dw
 
 
 conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
@@ -252,9 +299,9 @@ def subpixel_kernel(w: Array, s: int, lo: tuple[int, int]) -> Array:
   return w.transpose(0, 2, 4, 1, 3, 5).reshape(ty, tx, c, s * s * f)
 
 
-def conv_transpose_subpixel(x: Array, w: Array, stride: int, pads) -> Array:
-  """Equals conv_transpose_plain(x, w, stride, pads) as one stride-1 conv (all s*s output phases as channels)
-  followed by depth-to-space."""
+def conv_transpose_subpixel(x: Array, w: Array, stride: int, pads, dnn: bool = False) -> Array:
+  """Equals conv_transpose_plain(x, w, stride, pads) as one stride-1 conv (all s*s output phases as channels,
+  `conv_s1`, on oneDNN when `dnn`) followed by depth-to-space."""
   s, k = stride, w.shape[0]
   if s == 1:
     return conv_transpose_plain(x, w, 1, pads)
@@ -269,7 +316,7 @@ def conv_transpose_subpixel(x: Array, w: Array, stride: int, pads) -> Array:
     outs.append(out)
     qs.append(q)
   kern = subpixel_kernel(w, s, (pads[0][0], pads[1][0]))
-  z = conv_s1(x, kern, tuple(conv_pads))
+  z = conv_s1(x, kern, tuple(conv_pads), dnn)
   z = z.reshape(n, qs[0], qs[1], s, s, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, qs[0] * s, qs[1] * s, f)
   if (qs[0] * s, qs[1] * s) != tuple(outs):
     z = z[:, :outs[0], :outs[1]]
@@ -287,26 +334,27 @@ def _strided_conv_lhs_pads(k: int, s: int, size: int, out: int, lo: int) -> tupl
   return k - 1 - lo, size - (out - 1) * s - 1 + lo
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_strided_fastgrad(x: Array, w: Array, stride: int, pads) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_strided_fastgrad(x: Array, w: Array, stride: int, pads, dnn: bool = False) -> Array:
   """Equals conv_plain(x, w, stride, pads) in value and gradient. The forward pass is the plain strided conv
   (fast in XLA:CPU); the input gradient, which autodiff would emit as an lhs-dilated conv (slow generic loop),
   is the transposed conv of the cotangent with the flipped kernel, run as a sub-pixel stride-1 conv; the weight
-  gradient is autodiff's (a rhs-dilated conv, which XLA:CPU runs well) of materialised inputs."""
-  return conv_plain(x, w, stride, pads)
+  gradient is autodiff's (a rhs-dilated conv, which XLA:CPU runs well) of materialised inputs. With `dnn` the
+  forward conv and the sub-pixel conv run on oneDNN."""
+  return conv_fwd(x, w, stride, pads, dnn)
 
 
-def _conv_strided_fastgrad_fwd(x, w, stride, pads):
-  return conv_plain(x, w, stride, pads), (x, w)
+def _conv_strided_fastgrad_fwd(x, w, stride, pads, dnn):
+  return conv_fwd(x, w, stride, pads, dnn), (x, w)
 
 
-def _conv_strided_fastgrad_bwd(stride, pads, res, ct):
+def _conv_strided_fastgrad_bwd(stride, pads, dnn, res, ct):
   x, w = res
   k = w.shape[0]
   lhs_pads = tuple(_strided_conv_lhs_pads(k, stride, x.shape[a], ct.shape[a], lo)
                    for a, (lo, _) in zip((1, 2), pads))
   w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
-  dx = conv_transpose_subpixel(ct, w_t, stride, lhs_pads)
+  dx = conv_transpose_subpixel(ct, w_t, stride, lhs_pads, dnn)
   dw = jax.vjp(lambda w_: conv_plain(materialised(x), w_, stride, pads), w)[1](materialised(ct))[0]
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
@@ -336,27 +384,29 @@ def _batch_chunked(fn: Callable[[Array], Array], x: Array, chunks: int) -> Array
 
 
 def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None,
-           chunk_bytes: Optional[int] = None) -> Array:
+           chunk_bytes: Optional[int] = None, onednn: Optional[bool] = None) -> Array:
   """WNConv's convolution: TF-'SAME' conv (out = ceil(in/s)) or transposed conv (out = s*in, the reference's
   crop). On the fast path (`fast`, or on CPU when None: `resolve_fast`) a transposed conv runs as a sub-pixel
   stride-1 conv, a strided conv's input gradient likewise, and large batches in chunks of about `chunk_bytes`
-  (see `ConvPolicy`). Both paths take and give the same arrays."""
+  (see `ConvPolicy`), and its convs on oneDNN where `resolve_onednn(onednn, ...)`. All paths take and give the
+  same arrays."""
   fast = resolve_fast(fast)
+  dnn = resolve_onednn(onednn, fast, x.dtype) and x.dtype == w.dtype
   k = w.shape[0]
   if transpose:
     pads = (transpose_pads(k, stride),) * 2
     if not (fast and stride > 1):
       return conv_transpose_plain(x, w, stride, pads)
-    conv = lambda xc: conv_transpose_subpixel(xc, w, stride, pads)
+    conv = lambda xc: conv_transpose_subpixel(xc, w, stride, pads, dnn)
     out_hw = tuple(stride * d for d in x.shape[1:3])
   else:
     pads = (same_pads(x.shape[1], k, stride), same_pads(x.shape[2], k, stride))
     if not fast:
       return conv_plain(x, w, stride, pads)
     if stride > 1:
-      conv = lambda xc: conv_strided_fastgrad(xc, w, stride, pads)
+      conv = lambda xc: conv_strided_fastgrad(xc, w, stride, pads, dnn)
     else:
-      conv = lambda xc: conv_s1(xc, w, pads)
+      conv = lambda xc: conv_s1(xc, w, pads, dnn)
     out_hw = tuple(-(-d // stride) for d in x.shape[1:3])
   return _batch_chunked(conv, x, _num_chunks(x, (x.shape[0],) + out_hw + (w.shape[-1],), chunk_bytes))
 
@@ -373,6 +423,7 @@ class WNConv(_WeightNormBase):
     fast: use the stride-1 rewrites of strided/transposed convs (None: on CPU only, `resolve_fast`); the
       parameters are the same either way.
     chunk_bytes: the fast path's batch-chunk budget (None: `DEFAULT_CONV_CHUNK_BYTES`).
+    onednn: the fast path's convs on oneDNN (None: where usable, `resolve_onednn`).
   """
 
   features: int
@@ -382,10 +433,11 @@ class WNConv(_WeightNormBase):
   dtype: Any = jnp.float32
   fast: Optional[bool] = None
   chunk_bytes: Optional[int] = None
+  onednn: Optional[bool] = None
 
   def _conv(self, x: Array, w: Array) -> Array:
     return conv2d(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.transpose, self.fast,
-                  self.chunk_bytes)
+                  self.chunk_bytes, self.onednn)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -463,7 +515,8 @@ class ResBlock(nn.Module):
   def __call__(self, x: Array, aux: Optional[Array] = None) -> Array:
     k, c = self.kernel_size, self.features
     # pylint: disable-next=invalid-name
-    WNConv = functools.partial(_WNConv, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes)
+    WNConv = functools.partial(_WNConv, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes,
+                               onednn=self.conv.onednn)
     u = nn.relu(x) if self.residual else x
     y = WNConv(c, k, 1, dtype=self.dtype, name="conv1")(u)
     if aux is not None:

@@ -2,10 +2,13 @@
 
 The fast paths (sub-pixel transposed conv, strided conv with a sub-pixel input gradient, batch chunking) are
 exact rewrites; they must agree with lax.conv_transpose / lax.conv_general_dilated to float32 rounding, and
-WNConv's parameters must be interchangeable between the two paths.
+WNConv's parameters must be interchangeable between the two paths. oneDNN's convolution (`hvaeood.onednn`) is
+checked against a float64 numpy convolution, and the fast paths on it against lax.
 """
 
 import math
+import platform
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 from hvaeood import layers
+from hvaeood import onednn
 from hvaeood.layers import WNConv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -171,3 +175,100 @@ def test_weight_gradients_read_materialised_inputs():
                                                        chunk_bytes=0)))
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, wt).compile().as_text()
     assert hlo.count(" conditional(") == 2, (s, transpose)
+
+
+# --- oneDNN -------------------------------------------------------------------------------------------------------
+
+import jaxlib  # pylint: disable=wrong-import-position
+
+# Where the path is meant to run (x86-64 Linux, a verified jaxlib) `onednn.available()` must be True: a probe
+# that wrongly turned it off there fails test_onednn_is_available_where_verified instead of skipping the rest.
+_DNN_PLATFORM = (sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
+                 and jaxlib.__version__ in onednn.VERIFIED_JAXLIB and jax.default_backend() == "cpu")
+needs_dnn = pytest.mark.skipif(not _DNN_PLATFORM, reason="oneDNN conv runs on x86-64 Linux with a verified jaxlib")
+
+
+def _np_conv(x, w, stride, pads):
+  """float64 cross-correlation: out[n, i, j, o] = sum_{a, b, c} xpad[n, s*i + a, s*j + b, c] w[a, b, c, o]."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  xp = np.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  kh, kw = w.shape[:2]
+  oh = (xp.shape[1] - kh) // stride + 1
+  ow = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], oh, ow, w.shape[3]))
+  for a in range(kh):
+    for b in range(kw):
+      win = xp[:, a:a + stride * (oh - 1) + 1:stride, b:b + stride * (ow - 1) + 1:stride, :]
+      out += np.einsum("nijc,co->nijo", win, w[a, b])
+  return out
+
+
+@needs_dnn
+def test_onednn_is_available_where_verified():
+  assert onednn.available()
+  assert layers.resolve_onednn(None, True) is (jax.device_count() == 1)
+
+
+@needs_dnn
+@pytest.mark.parametrize("k,s,pads,hw,transposed", [
+    (3, 1, ((1, 1), (1, 1)), (7, 7), False), (5, 1, ((2, 2), (2, 2)), (9, 6), False),
+    (5, 2, ((1, 2), (2, 1)), (9, 8), False), (3, 2, ((0, 1), (0, 1)), (14, 14), False),
+    (1, 1, ((0, 0), (0, 0)), (4, 5), False), (3, 1, ((0, 2), (2, 0)), (6, 7), True),
+    (5, 1, ((4, 4), (0, 3)), (5, 4), True), (2, 3, ((1, 0), (0, 0)), (8, 10), False)])
+def test_onednn_conv_equals_float64_numpy(k, s, pads, hw, transposed):
+  """oneDNN's convolution (XLA:CPU's custom call, as `onednn.conv` configures it) computes the cross-correlation
+  of lax.conv_general_dilated, for strides, uneven and zero pads and the HWOI kernel layout."""
+  rng = np.random.default_rng(k * 31 + s + hw[0])
+  x = rng.standard_normal((3, *hw, 5)).astype(np.float32)
+  w = (rng.standard_normal((k, k, 5, 6)) / math.sqrt(k * k * 5)).astype(np.float32)
+  w_arg = w.swapaxes(2, 3) if transposed else w  # HWOI holds the same kernel
+  got = np.asarray(jax.jit(lambda x, w: onednn.conv(x, w, s, pads, transposed))(x, w_arg))
+  want = _np_conv(x, w, s, pads)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
+@needs_dnn
+@pytest.mark.parametrize("k,s,transpose,h,w", [
+    (5, 1, False, 9, 8), (3, 1, False, 7, 7), (1, 1, False, 5, 6), (5, 2, False, 14, 9), (3, 2, False, 7, 7),
+    (5, 2, True, 7, 6), (3, 2, True, 7, 7), (4, 2, True, 3, 5)])
+def test_fast_paths_on_onednn_equal_plain(k, s, transpose, h, w):
+  """conv2d on oneDNN (forward convs and stride-1 input gradients; weight gradients by XLA) equals the plain lax
+  conv in value, input and weight gradient, with and without batch chunks."""
+  rng, x, wt = _inputs(k * 7 + s + h, 5, h, w, 3, k, 4)
+  for budget in (0, 4 * 2 * 3 * max(h * w, (h * s) * (w * s))):
+    _check_same(lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=False),
+                lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=budget, onednn=True),
+                x, wt, rng)
+
+
+@needs_dnn
+def test_auto_runs_forward_and_input_gradients_on_onednn():
+  """On one CPU device `auto` (onednn=None) puts a stride-1 conv's forward and input gradient on oneDNN (two
+  custom calls in the compiled gradient), a strided conv's forward and its sub-pixel input gradient, and a
+  transposed conv's sub-pixel conv and its input gradient; onednn=False leaves none."""
+  if jax.device_count() != 1:
+    pytest.skip("auto uses oneDNN on a single device only")
+  rng, x, wt = _inputs(5, 4, 8, 8, 3, 5, 3)
+  for s, transpose in ((1, False), (2, False), (2, True)):
+    for dnn, calls in ((None, 2), (False, 0)):
+      loss = lambda x, wt: jnp.sum(jnp.sin(layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=0,
+                                                         onednn=dnn)))
+      hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, wt).compile().as_text()
+      assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == calls, (s, transpose, dnn)
+
+
+def test_onednn_resolution_and_errors():
+  """oneDNN is off for the plain path and for bfloat16 compute, and asking for it where it cannot run is a
+  one-line error naming the fix; `onednn.conv` rejects what it does not implement."""
+  assert layers.resolve_onednn(None, False) is False
+  assert layers.resolve_onednn(True, False) is False
+  assert layers.resolve_onednn(None, True, jnp.bfloat16) is False
+  with pytest.raises(ValueError, match="conv_impl='auto'"):
+    layers.resolve_onednn(True, True, jnp.bfloat16)
+  assert layers.ConvPolicy.from_name("onednn") == layers.ConvPolicy(True, None, True)
+  assert layers.ConvPolicy.from_name("fast") == layers.ConvPolicy(True, None, False)
+  with pytest.raises(ValueError, match="float32"):
+    onednn.conv(jnp.ones((1, 4, 4, 2), jnp.bfloat16), jnp.ones((3, 3, 2, 2), jnp.bfloat16), 1, ((1, 1),) * 2)
+  with pytest.raises(ValueError, match="non-negative pads"):
+    onednn.conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), 1, ((-1, 1), (1, 1)))

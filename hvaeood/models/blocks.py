@@ -110,7 +110,7 @@ class GaussianHead(nn.Module):
     h = nn.relu(h)
     if self.latent == "conv":
       out = WNConv(2 * self.dim, 3, dtype=self.dtype, fast=self.conv.fast, chunk_bytes=self.conv.chunk_bytes,
-                   name="conv")(h)
+                   onednn=self.conv.onednn, name="conv")(h)
     else:
       out = WNDense(2 * self.dim, dtype=self.dtype, name="dense")(h.reshape(h.shape[0], -1))
     out = out.astype(jnp.float32)
@@ -192,7 +192,7 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
 
   Fields: kernels [L], channels [L][blocks], strides [L][blocks], latent_types [L] ('conv'|'dense'),
   latent_dims [L], likelihood ('bernoulli'|'dlm'|'gaussian'), nr_mix, aux_identity_add, compute_dtype
-  ('float32'|'bfloat16'), conv_impl ('auto'|'fast'|'plain', `layers.ConvPolicy`), conv_chunk_bytes.
+  ('float32'|'bfloat16'), conv_impl ('auto'|'onednn'|'fast'|'plain', `layers.ConvPolicy`), conv_chunk_bytes.
 
   Raises:
     ValueError: naming the offending field and how to fix it.
@@ -211,7 +211,7 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
   impl = str(model_cfg.get("conv_impl", "auto"))
   if impl not in CONV_IMPLS:
     raise field_error("conv_impl", f"{impl!r} is not a convolution implementation",
-                      "choose 'auto' (the CPU rewrites on CPU only), 'fast' or 'plain'")
+                      "choose 'auto' (the CPU rewrites, on oneDNN where usable, on CPU only), 'onednn', 'fast' or 'plain'")
   chunk = model_cfg.get("conv_chunk_bytes", None)
   conv = ConvPolicy.from_name(impl, None if chunk is None else int(chunk))
   return ModelFields(image_shape, stages, str(model_cfg.likelihood), int(model_cfg.get("nr_mix", 10)),
