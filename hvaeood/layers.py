@@ -134,14 +134,14 @@ class ConvPolicy:
   """
   fast: Optional[bool] = None
   chunk_bytes: Optional[int] = None
-  onednn: Optional[bool] = None
+  onednn: Optional[bool] = False
 
   @classmethod
   def from_name(cls, impl: str, chunk_bytes: Optional[int] = None) -> "ConvPolicy":
     """'auto' | 'onednn' | 'fast' | 'plain' (config.model.conv_impl) -> a policy."""
     if impl not in CONV_IMPLS:
       raise ValueError(f"config.model.conv_impl={impl!r} is not one of {CONV_IMPLS}.")
-    fast, dnn = {"auto": (None, None), "onednn": (True, True), "fast": (True, False), "plain": (False, False)}[impl]
+    fast, dnn = {"auto": (None, False), "onednn": (True, True), "fast": (True, False), "plain": (False, False)}[impl]
     return cls(fast, chunk_bytes, dnn)
 
 
@@ -384,7 +384,7 @@ def _batch_chunked(fn: Callable[[Array], Array], x: Array, chunks: int) -> Array
 
 
 def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None,
-           chunk_bytes: Optional[int] = None, onednn: Optional[bool] = None) -> Array:
+           chunk_bytes: Optional[int] = None, onednn: Optional[bool] = False) -> Array:
   """WNConv's convolution: TF-'SAME' conv (out = ceil(in/s)) or transposed conv (out = s*in, the reference's
   crop). On the fast path (`fast`, or on CPU when None: `resolve_fast`) a transposed conv runs as a sub-pixel
   stride-1 conv, a strided conv's input gradient likewise, and large batches in chunks of about `chunk_bytes`
@@ -433,7 +433,7 @@ class WNConv(_WeightNormBase):
   dtype: Any = jnp.float32
   fast: Optional[bool] = None
   chunk_bytes: Optional[int] = None
-  onednn: Optional[bool] = None
+  onednn: Optional[bool] = False
 
   def _conv(self, x: Array, w: Array) -> Array:
     return conv2d(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.transpose, self.fast,

@@ -15,6 +15,7 @@ _AFTER = ("import os, sys, logging, hvaeood{imports}{call}; "
           "sys.unraisablehook is sys.__unraisablehook__, len(logging.getLogger('asyncio').filters))))")
 MODULES = ("bounds", "checkpoints", "cli", "datasets_info", "devices", "distributions", "errors", "evaluate",
            "image_sources", "integrity", "io_utils", "layers", "loading", "logging_utils", "models", "models.biva",
+           "onednn",
            "detector", "models.blocks", "models.hvae", "ood_metrics", "ood_scores", "plots", "run_control", "schedules",
            "scoring", "state", "train", "workdir_lock")
 
@@ -64,6 +65,7 @@ def _code_report():
 
 # docs/design.md's layers, lowest first: a module may import only modules of lower layers.
 LAYERS = (
+    ("hvaeood.onednn",),
     ("hvaeood.errors", "hvaeood.io_utils", "hvaeood.datasets_info", "hvaeood.schedules",
      "hvaeood.devices", "hvaeood.run_control", "hvaeood.logging_utils", "hvaeood.ood_metrics", "hvaeood.ood_scores",
      "hvaeood.layers", "hvaeood.data_import"),
