@@ -68,8 +68,8 @@ def add_conv_args(ap: argparse.ArgumentParser) -> None:
   """--conv_impl and --chunk_bytes (config.model.conv_impl / conv_chunk_bytes)."""
   from hvaeood import layers  # pylint: disable=import-outside-toplevel
   ap.add_argument("--conv_impl", choices=layers.CONV_IMPLS, default=None,
-                  help="set config.model.conv_impl: auto (the stride-1 rewrites on CPU only, on oneDNN where "
-                       "usable), onednn (oneDNN required), fast (the rewrites on XLA's kernels) or plain (plain "
+                  help="set config.model.conv_impl: auto (the stride-1 rewrites on CPU only), onednn (the "
+                       "rewrites on oneDNN's kernels), fast (the rewrites on XLA's kernels) or plain (plain "
                        "lax convolutions; default: the config's)")
   ap.add_argument("--chunk_bytes", type=int, default=None,
                   help="set config.model.conv_chunk_bytes, the fast path's batch-chunk budget (0: no chunking; "

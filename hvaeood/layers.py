@@ -108,9 +108,9 @@ class _WeightNormBase(nn.Module):
 #   * the two inputs of every weight-gradient conv are materialised (`materialised`): XLA:CPU transposes both for
 #     its conv kernel, and a transpose into which XLA fused their elementwise producers (residual adds, ReLU,
 #     chunk slices) ran ~10x slower than the same transpose of a stored array;
-#   * on a single CPU device with jaxlib's oneDNN runtime (`hvaeood.onednn`), the forward convs and the input
-#     gradients of stride-1 convs run on oneDNN's kernels (1.2-1.4x XLA's Eigen kernels here), the weight
-#     gradients stay with XLA.
+#   * opt-in (conv_impl='onednn'), on a single CPU device with jaxlib's oneDNN runtime (`hvaeood.onednn`): the
+#     forward convs and the input gradients of stride-1 convs on oneDNN's kernels (1.2-1.4x XLA's Eigen kernels
+#     per op here), the weight gradients with XLA.
 # The sub-pixel kernel is built from the folded weight w by pads, reshapes, transposes and flips only (a static
 # gather), so the stored parameters are the same for both paths, and results agree to float32 rounding
 # (tests/test_layers_fast.py). Measurements: benchmarks/README.md, benchmarks/microbench_convs.py.
@@ -145,8 +145,8 @@ class ConvPolicy:
     return cls(fast, chunk_bytes, dnn)
 
 
-# auto: the CPU rewrites on the CPU backend, with oneDNN's kernels where usable; onednn: those, oneDNN required;
-# fast: the rewrites on XLA's kernels only; plain: lax convolutions.
+# auto: the CPU rewrites on the CPU backend only, on XLA's kernels; onednn: the rewrites with oneDNN's kernels
+# (required: an error where they cannot run); fast: the rewrites on XLA's kernels on any backend; plain: lax.
 CONV_IMPLS = ("auto", "onednn", "fast", "plain")
 DEFAULT_CONV_CHUNK_BYTES = 8 << 20
 CONV_MAX_CHUNKS = 8

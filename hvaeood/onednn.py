@@ -5,12 +5,14 @@ jaxlib's x86-64 Linux builds link oneDNN, and XLA:CPU executes a custom call nam
 kernels on XLA's intra-op thread pool. No XLA pass emits that call in the jaxlib versions measured here, so
 `conv` emits it directly. On this project's 2-core AVX-512 machine oneDNN ran the model's 5x5 and 3x3
 convolutions (forward, and the input gradient as a forward convolution of the cotangent) at 310-390 GFLOP/s
-against 250-300 for XLA's Eigen kernels (benchmarks/README.md, change 12). Weight gradients stay with XLA:
-as a forward convolution (the batch contracted) oneDNN falls back to a reference kernel.
+against 250-300 for XLA's Eigen kernels (per op, measured in isolation). Weight gradients stay with XLA: as a
+forward convolution (the batch contracted) oneDNN falls back to a reference kernel. The models use it only
+with config.model.conv_impl='onednn' (layers.ConvPolicy).
 
 The call's config format is internal to XLA and has changed between releases, so `available` enables the path
 only on a jaxlib release it was verified on (`VERIFIED_JAXLIB`) and only after a numerical probe against
-`lax.conv_general_dilated` passes in this process. Nothing here runs at import.
+`lax.conv_general_dilated` passes in this process. Importing registers the primitive's CPU lowering only;
+nothing is compiled or run then.
 """
 
 from __future__ import annotations
