@@ -48,8 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.aux_identity_add = False  # True: add identically shaped skips instead of dropping them (HEAD)
   config.model.compute_dtype = "float32"  # "bfloat16": bf16 convs, float32 likelihoods and KL
   # How convolutions run (no effect on parameters or results beyond float rounding): "auto" = the stride-1
-  # rewrites and batch chunking on the CPU backend, where they were measured faster, plain lax convolutions on
-  # GPU/TPU; "fast" / "plain" force one. conv_chunk_bytes: the rewrites' batch-chunk budget (None: the default).
+  # rewrites and batch chunking on the CPU backend, where they were measured faster, with their convs on oneDNN
+  # on a single float32 CPU device (hvaeood.onednn), plain lax convolutions on GPU/TPU; "onednn" / "fast" (the
+  # rewrites on XLA's kernels) / "plain" force one. conv_chunk_bytes: the rewrites' batch-chunk budget (None:
+  # the default).
   config.model.conv_impl = "auto"
   config.model.conv_chunk_bytes = None
 

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 from absl import logging as absl_logging
@@ -222,10 +223,19 @@ class _LibraryNoiseFilter(logging.Filter):
     return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
+# jax's warning when XLA:CPU fails to serialize a program for the persistent compilation cache, as it does for
+# every program with a oneDNN custom call (jaxlib 0.10.2).
+UNCACHEABLE_ONEDNN_WARNING = r"Error writing persistent compilation cache entry for .*std::bad_alloc"
+
+
 def quiet_library_logs() -> None:
   """INFO logging for the run's own progress lines, without the per-file chatter of orbax and tfds (the launchers
   call it; it imports no TensorFlow, so a user error is reported before TensorFlow loads)."""
   absl_logging.set_verbosity(absl_logging.INFO)
+  # XLA:CPU cannot serialize a program that calls oneDNN (`hvaeood.onednn`, the single-device CPU default): with
+  # a persistent compilation cache set (JAX_COMPILATION_CACHE_DIR), jax would warn once per such program; they
+  # are compiled in each run instead, and other programs are cached as usual.
+  warnings.filterwarnings("ignore", message=UNCACHEABLE_ONEDNN_WARNING, category=UserWarning)
   f = _LibraryNoiseFilter()
   absl_logging.get_absl_handler().addFilter(f)
   logging.getLogger().addFilter(f)

@@ -108,9 +108,10 @@ class _WeightNormBase(nn.Module):
 #   * the two inputs of every weight-gradient conv are materialised (`materialised`): XLA:CPU transposes both for
 #     its conv kernel, and a transpose into which XLA fused their elementwise producers (residual adds, ReLU,
 #     chunk slices) ran ~10x slower than the same transpose of a stored array;
-#   * opt-in (conv_impl='onednn'), on a single CPU device with jaxlib's oneDNN runtime (`hvaeood.onednn`): the
-#     forward convs and the input gradients of stride-1 convs on oneDNN's kernels (1.2-1.4x XLA's Eigen kernels
-#     per op here), the weight gradients with XLA.
+#   * on a single CPU device with jaxlib's oneDNN runtime (`hvaeood.onednn`; 'auto' where usable): the forward
+#     convs and the input gradients of stride-1 convs on oneDNN's kernels (1.2-1.4x XLA's Eigen kernels per op
+#     here), the weight gradients with XLA. Several devices keep XLA's kernels: the custom call has no SPMD
+#     partitioning rule.
 # The sub-pixel kernel is built from the folded weight w by pads, reshapes, transposes and flips only (a static
 # gather), so the stored parameters are the same for both paths, and results agree to float32 rounding
 # (tests/test_layers_fast.py). Measurements: benchmarks/README.md, benchmarks/microbench_convs.py.
@@ -134,19 +135,20 @@ class ConvPolicy:
   """
   fast: Optional[bool] = None
   chunk_bytes: Optional[int] = None
-  onednn: Optional[bool] = False
+  onednn: Optional[bool] = None
 
   @classmethod
   def from_name(cls, impl: str, chunk_bytes: Optional[int] = None) -> "ConvPolicy":
     """'auto' | 'onednn' | 'fast' | 'plain' (config.model.conv_impl) -> a policy."""
     if impl not in CONV_IMPLS:
       raise ValueError(f"config.model.conv_impl={impl!r} is not one of {CONV_IMPLS}.")
-    fast, dnn = {"auto": (None, False), "onednn": (True, True), "fast": (True, False), "plain": (False, False)}[impl]
+    fast, dnn = {"auto": (None, None), "onednn": (True, True), "fast": (True, False), "plain": (False, False)}[impl]
     return cls(fast, chunk_bytes, dnn)
 
 
-# auto: the CPU rewrites on the CPU backend only, on XLA's kernels; onednn: the rewrites with oneDNN's kernels
-# (required: an error where they cannot run); fast: the rewrites on XLA's kernels on any backend; plain: lax.
+# auto: the CPU rewrites on the CPU backend only, on oneDNN's kernels where `resolve_onednn` finds them usable
+# (one device, float32), else XLA's; onednn: the rewrites on oneDNN's kernels (required: an error where they
+# cannot run); fast: the rewrites on XLA's kernels on any backend; plain: lax.
 CONV_IMPLS = ("auto", "onednn", "fast", "plain")
 DEFAULT_CONV_CHUNK_BYTES = 8 << 20
 CONV_MAX_CHUNKS = 8
@@ -384,7 +386,7 @@ def _batch_chunked(fn: Callable[[Array], Array], x: Array, chunks: int) -> Array
 
 
 def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None,
-           chunk_bytes: Optional[int] = None, onednn: Optional[bool] = False) -> Array:
+           chunk_bytes: Optional[int] = None, onednn: Optional[bool] = None) -> Array:
   """WNConv's convolution: TF-'SAME' conv (out = ceil(in/s)) or transposed conv (out = s*in, the reference's
   crop). On the fast path (`fast`, or on CPU when None: `resolve_fast`) a transposed conv runs as a sub-pixel
   stride-1 conv, a strided conv's input gradient likewise, and large batches in chunks of about `chunk_bytes`
@@ -433,7 +435,7 @@ class WNConv(_WeightNormBase):
   dtype: Any = jnp.float32
   fast: Optional[bool] = None
   chunk_bytes: Optional[int] = None
-  onednn: Optional[bool] = False
+  onednn: Optional[bool] = None
 
   def _conv(self, x: Array, w: Array) -> Array:
     return conv2d(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.transpose, self.fast,

@@ -6,8 +6,10 @@ kernels on XLA's intra-op thread pool. No XLA pass emits that call in the jaxlib
 `conv` emits it directly. On this project's 2-core AVX-512 machine oneDNN ran the model's 5x5 and 3x3
 convolutions (forward, and the input gradient as a forward convolution of the cotangent) at 310-390 GFLOP/s
 against 250-300 for XLA's Eigen kernels (per op, measured in isolation). Weight gradients stay with XLA: as a
-forward convolution (the batch contracted) oneDNN falls back to a reference kernel. The models use it only
-with config.model.conv_impl='onednn' (layers.ConvPolicy).
+forward convolution (the batch contracted) oneDNN falls back to a reference kernel. The models use it on a
+single float32 CPU device with config.model.conv_impl 'auto' (the default) or 'onednn' (layers.ConvPolicy).
+XLA:CPU cannot serialize a program that holds the call, so JAX's persistent compilation cache does not store
+such programs (jax warns; the launchers silence that warning, `cli.UNCACHEABLE_ONEDNN_WARNING`).
 
 The call's config format is internal to XLA and has changed between releases, so `available` enables the path
 only on a jaxlib release it was verified on (`VERIFIED_JAXLIB`) and only after a numerical probe against
@@ -30,7 +32,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo as hlo
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 Array = jax.Array
 
@@ -86,8 +88,35 @@ def _lower(ctx, x, w, *, stride, pads, kernel_transposed):
   return op.results
 
 
+@functools.partial(jax.jit, static_argnames=("stride", "pads", "kernel_transposed"))
+def _compiled(x, w, *, stride, pads, kernel_transposed):
+  return onednn_conv_p.bind(x, w, stride=stride, pads=pads, kernel_transposed=kernel_transposed)
+
+
+def _impl(x, w, **params):
+  """Eager evaluation: the call compiled on its own (one executable per shape and window)."""
+  return _compiled(x, w, **params)
+
+
+def _batch(args, dims, **params):
+  """vmap: a batched input folds into the conv's batch; a batched kernel maps the conv over its batch axis."""
+  x, w = args
+  bx, bw = dims
+  if bw is None:  # not mapped
+    x = jnp.moveaxis(x, bx, 0)
+    out = onednn_conv_p.bind(x.reshape((-1,) + x.shape[2:]), w, **params)
+    return out.reshape(x.shape[:2] + out.shape[1:]), 0
+  w = jnp.moveaxis(w, bw, 0)
+  if bx is None:
+    return lax.map(lambda wi: onednn_conv_p.bind(x, wi, **params), w), 0
+  x = jnp.moveaxis(x, bx, 0)
+  return lax.map(lambda xw: onednn_conv_p.bind(*xw, **params), (x, w)), 0
+
+
+onednn_conv_p.def_impl(_impl)
 onednn_conv_p.def_abstract_eval(_abstract_eval)
 mlir.register_lowering(onednn_conv_p, _lower, platform="cpu")
+batching.primitive_batchers[onednn_conv_p] = _batch
 
 
 def conv(x: Array, w: Array, stride: int, pads: Sequence[tuple[int, int]], kernel_transposed: bool = False) -> Array:

@@ -65,6 +65,7 @@ def get_config(variant=""):
   c.checkpoint.every_steps = 1
   c.checkpoint.every_minutes = 0.0
   c.checkpoint.keep = 3
+  c.model.conv_impl = "fast"  # XLA's kernels: cacheable (see tiny_config)
   return c
 '''
 
@@ -88,6 +89,12 @@ def tiny_config(data_dir: str, *, num_steps: int = 4, ood_datasets: Sequence[str
   -log p(x|z) to within a fraction of a nat: the single-sample KL of z1 of a freshly initialised model is
   heavy-tailed (10^3..10^7 nats from one step to the next), which would make "the loss falls" a coin flip.
   The schedules themselves are tested in test_schedules.py.
+
+  Convolutions on XLA's kernels (conv_impl='fast'), not oneDNN ('auto' on one CPU device): XLA:CPU cannot store
+  a program with oneDNN calls in the persistent compilation cache, and the run-control tests that use this config
+  compile the same tiny programs in many processes (uncached, the suite took 16 minutes instead of 12). The
+  default path is what test_models, test_biva, test_bounds and test_evaluate (its trained run and CLI) run, and
+  tests/test_layers_fast.py checks oneDNN's convolutions against lax and float64 numpy.
   """
   from configs import fashion_mnist_hvae  # pylint: disable=import-outside-toplevel
   config = fashion_mnist_hvae.get_config('tiny')
@@ -103,6 +110,7 @@ def tiny_config(data_dir: str, *, num_steps: int = 4, ood_datasets: Sequence[str
   config.checkpoint.every_steps = checkpoint_every or num_steps
   config.checkpoint.every_minutes = 0.0
   config.checkpoint.keep = 3
+  config.model.conv_impl = 'fast'
   return config
 
 

@@ -229,6 +229,27 @@ def test_onednn_conv_equals_float64_numpy(k, s, pads, hw, transposed):
 
 
 @needs_dnn
+def test_onednn_conv_eagerly_and_under_vmap_equals_float64_numpy():
+  """The primitive outside jit (its eager rule) and under vmap (its batching rule: a batched input folded into
+  the conv's batch at any axis, a batched kernel, both) computes the float64 cross-correlation per slice."""
+  rng = np.random.default_rng(7)
+  pads, s = ((1, 2), (2, 0)), 2
+  x = rng.standard_normal((3, 2, 7, 6, 4)).astype(np.float32)  # (n, vmapped, h, w, c)
+  w = (rng.standard_normal((2, 3, 3, 4, 5)) / 6).astype(np.float32)  # (vmapped, kh, kw, i, o)
+  conv = lambda x, w: onednn.conv(x, w, s, pads)
+  np.testing.assert_allclose(np.asarray(conv(x[:, 0], w[0])), _np_conv(x[:, 0], w[0], s, pads), rtol=1e-5,
+                             atol=2e-5)
+  cases = {(1, None): lambda b: (x[:, b], w[0]), (None, 0): lambda b: (x[:, 0], w[b]),
+           (1, 0): lambda b: (x[:, b], w[b])}
+  for axes, args in cases.items():
+    xs = x if axes[0] is not None else x[:, 0]
+    ws = w if axes[1] is not None else w[0]
+    got = np.asarray(jax.jit(jax.vmap(conv, in_axes=axes, out_axes=1))(xs, ws))
+    for b in range(2):
+      np.testing.assert_allclose(got[:, b], _np_conv(*args(b), s, pads), rtol=1e-5, atol=2e-5, err_msg=str(axes))
+
+
+@needs_dnn
 @pytest.mark.parametrize("k,s,transpose,h,w", [
     (5, 1, False, 9, 8), (3, 1, False, 7, 7), (1, 1, False, 5, 6), (5, 2, False, 14, 9), (3, 2, False, 7, 7),
     (5, 2, True, 7, 6), (3, 2, True, 7, 7), (4, 2, True, 3, 5)])
@@ -266,6 +287,8 @@ def test_onednn_resolution_and_errors():
   assert layers.resolve_onednn(None, True, jnp.bfloat16) is False
   with pytest.raises(ValueError, match="conv_impl='auto'"):
     layers.resolve_onednn(True, True, jnp.bfloat16)
+  assert layers.ConvPolicy.from_name("auto") == layers.ConvPolicy(None, None, None) == layers.ConvPolicy()
+  assert WNConv(4, 3).onednn is None  # the layers' default is 'auto' too
   assert layers.ConvPolicy.from_name("onednn") == layers.ConvPolicy(True, None, True)
   assert layers.ConvPolicy.from_name("fast") == layers.ConvPolicy(True, None, False)
   with pytest.raises(ValueError, match="float32"):

@@ -211,7 +211,7 @@ def parse_model_fields(model_cfg: ml_collections.ConfigDict, image_shape: Sequen
   impl = str(model_cfg.get("conv_impl", "auto"))
   if impl not in CONV_IMPLS:
     raise field_error("conv_impl", f"{impl!r} is not a convolution implementation",
-                      "choose 'auto' (the CPU rewrites on CPU only), 'onednn' (those on oneDNN), 'fast' or 'plain'")
+                      "choose 'auto' (the CPU rewrites on CPU only, on oneDNN where usable), 'onednn', 'fast' or 'plain'")
   chunk = model_cfg.get("conv_chunk_bytes", None)
   conv = ConvPolicy.from_name(impl, None if chunk is None else int(chunk))
   return ModelFields(image_shape, stages, str(model_cfg.likelihood), int(model_cfg.get("nr_mix", 10)),
