@@ -89,13 +89,9 @@ def _lower(ctx, x, w, *, stride, pads, kernel_transposed):
 
 
 @functools.partial(jax.jit, static_argnames=("stride", "pads", "kernel_transposed"))
-def _compiled(x, w, *, stride, pads, kernel_transposed):
-  return onednn_conv_p.bind(x, w, stride=stride, pads=pads, kernel_transposed=kernel_transposed)
-
-
-def _impl(x, w, **params):
+def _impl(x, w, *, stride, pads, kernel_transposed):
   """Eager evaluation: the call compiled on its own (one executable per shape and window)."""
-  return _compiled(x, w, **params)
+  return onednn_conv_p.bind(x, w, stride=stride, pads=pads, kernel_transposed=kernel_transposed)
 
 
 def _batch(args, dims, **params):
