@@ -68,9 +68,9 @@ def add_conv_args(ap: argparse.ArgumentParser) -> None:
   """--conv_impl and --chunk_bytes (config.model.conv_impl / conv_chunk_bytes)."""
   from hvaeood import layers  # pylint: disable=import-outside-toplevel
   ap.add_argument("--conv_impl", choices=layers.CONV_IMPLS, default=None,
-                  help="set config.model.conv_impl: auto (the stride-1 rewrites on CPU only), onednn (the "
-                       "rewrites on oneDNN's kernels), fast (the rewrites on XLA's kernels) or plain (plain "
-                       "lax convolutions; default: the config's)")
+                  help="set config.model.conv_impl: auto (the stride-1 rewrites on CPU only, on oneDNN's kernels "
+                       "on one float32 CPU device), onednn (oneDNN required), fast (the rewrites on XLA's "
+                       "kernels) or plain (plain lax convolutions; default: the config's)")
   ap.add_argument("--chunk_bytes", type=int, default=None,
                   help="set config.model.conv_chunk_bytes, the fast path's batch-chunk budget (0: no chunking; "
                        f"default: the config's, None = {layers.DEFAULT_CONV_CHUNK_BYTES})")
@@ -157,11 +157,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, x).compile()
     result["compile_s"] = time.perf_counter() - t0
-    if counted is not model:
-      compiled_counted = state_lib.jit_train_step(config, counted, steps_per_epoch=1000, mesh=mesh).lower(
-          state, x).compile()
-    else:
-      compiled_counted = compiled
+    compiled_counted = compiled if counted is model else state_lib.jit_train_step(
+        config, counted, steps_per_epoch=1000, mesh=mesh).lower(state, x).compile()
     flops = cost_flops(compiled_counted) * n_dev  # XLA's cost analysis counts one device's share of the program.
     holder = {"state": state}
 

@@ -48,11 +48,10 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
   Adam step is ~lr * sign(grad) and would hide a scaled gradient).
   """
   from hvaeood import input_pipeline  # pylint: disable=import-outside-toplevel
+  # tiny_config runs both sides on XLA's conv kernels: 'auto' would put the 1-device run on oneDNN (single-device
+  # only), whose float32 rounding differs from XLA's by more than this test's sharding tolerances.
   config = H.tiny_config(tfds_data_dir)
-  # Both runs on XLA's conv kernels: 'auto' would put the 1-device run on oneDNN (single-device only), whose
-  # float32 rounding differs from XLA's by more than this test's sharding tolerances. Those kernels are compared
-  # with lax in tests/test_layers_fast.py; this test compares shardings of the same program.
-  config.model.conv_impl = 'fast'
+  assert config.model.conv_impl == 'fast'
   spe = input_pipeline.steps_per_epoch(config)
   it = input_pipeline.create_train_iterator(config, seed=config.seed)
   batches = [next(it)['image'] for _ in range(2)]
@@ -63,7 +62,7 @@ def test_four_fake_devices_match_one_device(tfds_data_dir, tmp_path):
   inp, out = tmp_path / 'in.pkl', tmp_path / 'out.pkl'
   with open(inp, 'wb') as f:
     pickle.dump({'state': state0, 'batches': batches, 'spe': spe, 'devices': 4, 'data_dir': tfds_data_dir,
-                 'odd_batch': odd, 'conv_impl': config.model.conv_impl}, f)
+                 'odd_batch': odd}, f)
   proc = H.start_program('sharded_steps', inp, out, devices=4)
   try:
     one = _steps_on_this_process(config, state0, batches, spe, jax.devices()[:1])

@@ -13,7 +13,6 @@ with open(inp, 'rb') as f:
   d = pickle.load(f)
 assert jax.device_count() == d['devices'], jax.devices()
 config = H.tiny_config(d['data_dir'])
-config.model.conv_impl = d['conv_impl']
 model = state_lib.model_for_config(config)
 rep, data = H.shardings(jax.devices())
 step = H.jit_step(config, model, d['spe'], jax.devices())
