@@ -143,8 +143,9 @@ def compute_bounds(model: nn.Module, params, x: Array, rng: Array, *, iw_samples
   return Bounds(elbo, lk, elbo[None] - lk, log_px_sum / iw_samples, kl_sum / iw_samples, tuple(ks))
 
 
-def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = "per_layer_total") -> Array:
-  """Sum over layers and elements of max(KL_elem, lambda / n_l) per example, or of the raw KL when lambda = 0.
+def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = "per_layer_total",
+                 weights: Array | None = None) -> Array:
+  """The KL term of the training loss under a free-nats budget lambda, per example [R, B].
 
   With lambda = 0 (every step after the free-nats anneal) the KL is returned unchanged, as the reference's
   `FreeNats` does: a floor at 0 would clip the negative single-sample KL elements and bias the objective away
@@ -153,24 +154,38 @@ def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = 
   Args:
     kl_elem: per layer, elementwise KL [R, B, *latent_shape] (the model's `Output.kl_elem`).
     free_nats: lambda, the free-nats budget per layer (a scalar, may be traced).
-    granularity: "per_layer_total": n_l = the layer's element count, so lambda nats per layer (the paper);
-      "per_channel": n_l = channels (conv) or dims (dense), the reference HEAD's floor of lambda per
-      spatial position.
+    granularity: where the floor acts.
+      "per_layer_total": every element at lambda / n_l with n_l the layer's element count, so lambda nats per
+      layer (the paper), on each example's single-sample KL.
+      "per_channel": n_l = channels (conv) or dims (dense), the reference HEAD's floor of lambda per spatial
+      position.
+      "per_layer_batch": the free bits of Kingma et al. (2016): each layer's KL averaged over the batch (and the
+      samples) is floored at lambda, max(lambda, mean_b KL_l). The batch mean averages out the single-sample
+      noise that lets a per-example floor leak (the elements drawn above the floor are pushed down, those below
+      are not, so the layer's expected KL sinks under lambda). Per example a layer contributes its KL while the
+      batch mean is at least lambda, else the constant lambda (no gradient): the batch mean of the result is
+      the floored batch-mean KL.
+    weights: [B] example weights of the batch mean ("per_layer_batch": 0 for the padding rows of a padded
+      batch); ignored by the per-example granularities.
 
   Returns:
     [R, B] the floored (lambda > 0) or raw (lambda = 0) KL summed over layers.
   """
+  if granularity not in ("per_layer_total", "per_channel", "per_layer_batch"):
+    raise ValueError(f"Unknown free-nats granularity {granularity!r}; use 'per_layer_total', 'per_channel' or "
+                     "'per_layer_batch'.")
   total = raw = 0.0
   for kl in kl_elem:
-    if granularity == "per_layer_total":
-      n = math.prod(kl.shape[-_latent_rank(kl):])
-    elif granularity == "per_channel":
-      n = kl.shape[-1]
-    else:
-      raise ValueError(f"Unknown free-nats granularity {granularity!r}; use 'per_layer_total' or 'per_channel'.")
+    layer = jnp.sum(kl.reshape(kl.shape[:2] + (-1,)), axis=-1)  # [R, B]
+    raw = raw + layer
+    if granularity == "per_layer_batch":
+      w = jnp.ones(layer.shape[1:], layer.dtype) if weights is None else jnp.asarray(weights, layer.dtype)
+      batch_mean = jnp.sum(layer * w) / (layer.shape[0] * jnp.sum(w))
+      total = total + jnp.where(batch_mean >= free_nats, layer, jnp.asarray(free_nats, layer.dtype))
+      continue
+    n = math.prod(kl.shape[-_latent_rank(kl):]) if granularity == "per_layer_total" else kl.shape[-1]
     floored = jnp.maximum(kl, free_nats / n)
     total = total + jnp.sum(floored.reshape(kl.shape[:2] + (-1,)), axis=-1)
-    raw = raw + jnp.sum(kl.reshape(kl.shape[:2] + (-1,)), axis=-1)
   # lambda may be traced (it is annealed), so both sums are formed and the budget picks one.
   return jnp.where(jnp.asarray(free_nats) > 0, total, raw)
 
@@ -186,7 +201,7 @@ def training_loss(out: Output, beta: Array, free_nats: Array, granularity: str =
 
   `weights` ([B], optional) weight the examples of the mean (0 for the padding rows of a padded batch).
   """
-  per_example = -out.log_px + beta * free_nats_kl(out.kl_elem, free_nats, granularity)  # [R, B]
+  per_example = -out.log_px + beta * free_nats_kl(out.kl_elem, free_nats, granularity, weights)  # [R, B]
   if weights is None:
     loss = jnp.mean(per_example)
   else:

@@ -4,6 +4,7 @@ forward passes with the documented key schedule), LLR, free nats and bits/dim (S
 import math
 import os
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,49 @@ def test_free_nats_identities():
     np.testing.assert_allclose(_np(jitted(jnp.float32(0.0))), want, rtol=1e-6)
   with pytest.raises(ValueError, match="granularity"):
     bounds.free_nats_kl(zeros, lam, "per_pixel")
+
+
+def test_batch_free_bits_floor_the_batch_mean_with_padding_weights_against_float64():
+  """'per_layer_batch': per layer max(lambda, weighted batch mean of the KL), no gradient to a layer under lambda."""
+  rs = np.random.RandomState(11)
+  conv = rs.normal(0.05, 0.3, (2, 5, 2, 2, 3))   # [R, B, H, W, C]: layer mean about 0.6 per example
+  dense = rs.normal(1.0, 0.8, (2, 5, 4))         # [R, B, D]: about 4 per example
+  weights = np.array([1.0, 1.0, 0.0, 1.0, 0.0])  # two padding rows
+  conv[:, 2] += 50.0                             # a padding row that would lift the conv layer over lambda
+  lam = 2.0
+  k_conv = conv.reshape(2, 5, -1).sum(-1)
+  k_dense = dense.reshape(2, 5, -1).sum(-1)
+  mean = lambda k: (k * weights).sum() / (2 * weights.sum())  # noqa: E731
+  assert mean(k_conv) < lam < mean(k_dense) and k_conv.mean() > lam
+  want = np.full_like(k_conv, lam) + k_dense      # conv under the floor: the constant lambda per example
+  args = ([jnp.asarray(conv, jnp.float32), jnp.asarray(dense, jnp.float32)],)
+
+  def f(kls, lam_):
+    return bounds.free_nats_kl(kls, lam_, "per_layer_batch", jnp.asarray(weights, jnp.float32))
+
+  np.testing.assert_allclose(_np(f(*args, lam)), want, rtol=1e-5)
+  np.testing.assert_allclose(_np(jax.jit(f)(*args, jnp.float32(lam))), want, rtol=1e-5)
+  # the weighted batch mean of the result is the sum over layers of max(lambda, the layer's weighted mean)
+  got_mean = (_np(f(*args, lam)) * weights).sum() / (2 * weights.sum())
+  np.testing.assert_allclose(got_mean, max(lam, mean(k_conv)) + max(lam, mean(k_dense)), rtol=1e-5)
+  # gradient of that mean: zero for the floored conv layer, w_b / (R * sum w) per element of the dense layer
+  g_conv, g_dense = jax.grad(
+      lambda kls: jnp.sum(f(kls, lam) * jnp.asarray(weights, jnp.float32)) / (2 * weights.sum()))(args[0])
+  np.testing.assert_array_equal(_np(g_conv), 0.0)
+  np.testing.assert_allclose(_np(g_dense), np.broadcast_to((weights / (2 * weights.sum()))[None, :, None],
+                                                            dense.shape), rtol=1e-6)
+  # without weights every row counts: the padding row lifts the conv layer's mean over lambda, so it is raw
+  np.testing.assert_allclose(_np(bounds.free_nats_kl(*args, lam, "per_layer_batch")), k_conv + k_dense,
+                             rtol=1e-5)
+  # lambda = 0: the raw KL
+  np.testing.assert_allclose(_np(f(*args, 0.0)), k_conv + k_dense, rtol=1e-5)
+  # training_loss hands the padding weights to the floor: loss = weighted mean of -log p + beta * floored KL
+  log_px = rs.normal(-100.0, 10.0, (2, 5))
+  out = types.SimpleNamespace(log_px=jnp.asarray(log_px, jnp.float32), kl_elem=tuple(args[0]), elbo=None)
+  loss, _ = bounds.training_loss(out, jnp.float32(0.5), jnp.float32(lam), "per_layer_batch",
+                                 jnp.asarray(weights, jnp.float32))
+  want_loss = ((-log_px + 0.5 * want) * weights).sum() / (2 * weights.sum())
+  assert float(loss) == pytest.approx(want_loss, rel=1e-6)
 
 
 def test_training_loss():
