@@ -143,6 +143,17 @@ def compute_bounds(model: nn.Module, params, x: Array, rng: Array, *, iw_samples
   return Bounds(elbo, lk, elbo[None] - lk, log_px_sum / iw_samples, kl_sum / iw_samples, tuple(ks))
 
 
+FREE_NATS_GRANULARITIES = ("per_layer_total", "per_channel", "per_layer_batch")
+
+
+def check_granularity(granularity: str) -> str:
+  """`granularity`, or a one-line error naming the config field and the accepted values."""
+  if granularity not in FREE_NATS_GRANULARITIES:
+    raise ValueError(f"Unknown free-nats granularity {granularity!r} (--config.schedule.free_nats_granularity); "
+                     f"use one of {', '.join(FREE_NATS_GRANULARITIES)}.")
+  return granularity
+
+
 def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = "per_layer_total",
                  weights: Array | None = None) -> Array:
   """The KL term of the training loss under a free-nats budget lambda, per example [R, B].
@@ -171,9 +182,7 @@ def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = 
   Returns:
     [R, B] the floored (lambda > 0) or raw (lambda = 0) KL summed over layers.
   """
-  if granularity not in ("per_layer_total", "per_channel", "per_layer_batch"):
-    raise ValueError(f"Unknown free-nats granularity {granularity!r}; use 'per_layer_total', 'per_channel' or "
-                     "'per_layer_batch'.")
+  check_granularity(granularity)
   total = raw = 0.0
   for kl in kl_elem:
     layer = jnp.sum(kl.reshape(kl.shape[:2] + (-1,)), axis=-1)  # [R, B]

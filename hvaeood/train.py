@@ -171,6 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   datasets_info.validate_config(config)
   state_lib.train_precision(config)
   state_lib.eval_precision(config)
+  bounds.check_granularity(config.schedule.free_nats_granularity)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   lock = WorkdirLock(workdir)

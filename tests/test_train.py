@@ -369,3 +369,14 @@ def test_unprepared_ood_set_is_skipped_with_a_warning_that_says_how_to_prepare_i
   assert len(warnings) == 1, warnings
   assert 'kmnist' in warnings[0] and tfds_data_dir in warnings[0]
   assert 'python -m hvaeood.data_import --name kmnist' in warnings[0]
+
+
+def test_unknown_free_nats_granularity_fails_before_the_workdir_is_made(tmp_path):
+  """A misspelt --config.schedule.free_nats_granularity is a one-line error up front, not a trace-time failure."""
+  config = H.tiny_config(str(tmp_path / 'no_data'))
+  config.schedule.free_nats_granularity = 'per_batch'
+  wd = tmp_path / 'wd'
+  with pytest.raises(ValueError, match=r"'per_batch'.*free_nats_granularity.*per_layer_batch") as err:
+    train.train_and_evaluate(config, str(wd))
+  assert '\n' not in str(err.value)
+  assert not wd.exists()
