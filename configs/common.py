@@ -128,8 +128,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 def cpu_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """30 minutes of training on 2 CPU cores: the paper's model at half width, schedules compressed into the budget.
 
-  Half the channels (64 -> 32 for FashionMNIST/MNIST) costs a quarter of the FLOPs, so 30 minutes see 3.7-4.2
-  epochs instead of about 1 (1,738-1,987 steps on different days of the shared 2-core test machine; images/s in
+  Half the channels (64 -> 32 for FashionMNIST/MNIST) costs a quarter of the FLOPs, so 30 minutes see 3.6-4.2
+  epochs instead of about 1 (1,679-1,987 steps on different days of the shared 2-core test machine; images/s in
   benchmarks/README.md); the latents are the paper's. The budget is wall-clock training time (evaluation and
   checkpointing excluded; it survives resumes); `num_steps` (5 epochs at batch 128) only caps it. Adam at 1e-3
   with gradient-norm clipping (the single-sample KL is heavy-tailed early in training). The schedule keeps the
