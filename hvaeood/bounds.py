@@ -183,13 +183,16 @@ def free_nats_kl(kl_elem: Sequence[Array], free_nats: Array, granularity: str = 
     [R, B] the floored (lambda > 0) or raw (lambda = 0) KL summed over layers.
   """
   check_granularity(granularity)
+  if granularity == "per_layer_batch":  # the batch-mean weights, the same for every layer
+    r, b = kl_elem[0].shape[:2]
+    w = jnp.ones((b,), kl_elem[0].dtype) if weights is None else jnp.asarray(weights, kl_elem[0].dtype)
+    denom = r * jnp.sum(w)
   total = raw = 0.0
   for kl in kl_elem:
     layer = jnp.sum(kl.reshape(kl.shape[:2] + (-1,)), axis=-1)  # [R, B]
     raw = raw + layer
     if granularity == "per_layer_batch":
-      w = jnp.ones(layer.shape[1:], layer.dtype) if weights is None else jnp.asarray(weights, layer.dtype)
-      batch_mean = jnp.sum(layer * w) / (layer.shape[0] * jnp.sum(w))
+      batch_mean = jnp.sum(layer * w) / denom
       total = total + jnp.where(batch_mean >= free_nats, layer, jnp.asarray(free_nats, layer.dtype))
       continue
     n = math.prod(kl.shape[-_latent_rank(kl):]) if granularity == "per_layer_total" else kl.shape[-1]
