@@ -60,6 +60,16 @@ def model_for_config(config: ml_collections.ConfigDict) -> nn.Module:
   return build_model(config.model, datasets_info.image_shape(config.data.name))
 
 
+def ema_step_size(step, decay: float):
+  """Weight of the new parameters in the EMA update at `step` (0-based): max(1 - decay, 1 / (step + 1)).
+
+  Until 1 / (step + 1) falls to 1 - decay the EMA is the plain mean of the parameters after each update so far (the
+  first update replaces the initial parameters outright), then the usual exponential average. Without this start
+  the initial parameters keep a weight of decay**t, e.g. 0.995**500 = 8% after a 500-step run.
+  """
+  return jnp.maximum(1.0 - decay, 1.0 / (step.astype(jnp.float32) + 1.0))
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, init_batch) -> TrainState:
   """Fresh state: data-dependent init of the model on a real batch (at the training precision)."""
   rng = jax.random.PRNGKey(config.seed)
@@ -131,7 +141,7 @@ def _apply_update(config: ml_collections.ConfigDict, state: TrainState, loss: Ar
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
   ema = state.ema_params
   if ema is not None:
-    ema = keep(optax.incremental_update(new_params, ema, step_size=1.0 - o.ema_decay), ema)
+    ema = keep(optax.incremental_update(new_params, ema, step_size=ema_step_size(state.step, o.ema_decay)), ema)
   skipped = (~ok).astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                             opt_state=keep(new_opt, state.opt_state), ema_params=ema,

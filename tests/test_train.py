@@ -305,14 +305,14 @@ def test_resume_with_another_model_config_is_refused(tiny_run, tmp_path):
 
 def _phase_config(data_dir):
   """Continuous schedule compressed into 8 steps: beta = t/4 up to step 4; lambda = 2 up to step 2, annealed to 0
-  at step 6; the EMA kept with decay 0.5."""
+  at step 6; the EMA kept with decay 0.8 (a running mean for 5 updates, then exponential)."""
   config = H.tiny_config(data_dir, num_steps=8)
   spe = input_pipeline.steps_per_epoch(config)
   config.schedule.warmup_epochs = 4 / spe
   config.schedule.free_nats = 2.0
   config.schedule.free_nats_constant_epochs = 2 / spe
   config.schedule.free_nats_anneal_epochs = 4 / spe
-  config.optim.ema_decay = 0.5
+  config.optim.ema_decay = 0.8
   return config, spe
 
 
@@ -320,7 +320,8 @@ def test_loss_and_ema_through_warmup_free_nats_anneal_and_zero(tfds_data_dir):
   """8 jitted steps with beta > 0 and free nats active, through the anneal to 0: at every step the loss equals a
   float64 computation from the step's own model outputs (beta_t = t/4 capped at 1; lambda_t = 2 until t = 2, then
   2 (1 - (t-2)/4), 0 from t = 6; KL floored per element at lambda/n_l while lambda > 0, the raw KL after), and the
-  EMA follows e <- 0.5 e + 0.5 p after every update."""
+  EMA follows e <- (1 - s) e + s p after update t (0-based) with s = max(1 - 0.8, 1 / (t + 1)): the mean of the
+  parameters so far for 5 updates (the initial parameters drop out at the first), then exponential."""
   config, spe = _phase_config(tfds_data_dir)
   model = state_lib.model_for_config(config)
   it = input_pipeline.create_train_iterator(config, seed=config.seed)
@@ -351,7 +352,8 @@ def test_loss_and_ema_through_warmup_free_nats_anneal_and_zero(tfds_data_dir):
     phases.add(('warmup' if beta < 1 else 'beta1', 'free' if lam == 2 else 'anneal' if lam > 0 else 'zero'))
     assert int(m['skipped_update']) == 0
     f64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
-    ema_want = jax.tree_util.tree_map(lambda e, p: 0.5 * e + 0.5 * p, f64(before.ema_params), f64(after.params))
+    s = max(1 - 0.8, 1 / (t + 1))
+    ema_want = jax.tree_util.tree_map(lambda e, p: (1 - s) * e + s * p, f64(before.ema_params), f64(after.params))
     H.tree_allclose(f64(after.ema_params), ema_want, rtol=1e-6, atol=1e-7, what=f'EMA after step {t + 1}')
   assert {('warmup', 'free'), ('warmup', 'anneal'), ('beta1', 'anneal'), ('beta1', 'zero')} <= phases, phases
 
