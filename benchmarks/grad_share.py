@@ -1,0 +1,135 @@
+"""What the weight gradients cost inside the compiled training step: the step against variants without them.
+
+  python benchmarks/grad_share.py --config configs/fashion_mnist_hvae.py [--batch_size 128] [--rounds 4]
+
+Compiles the training step (as `benchmarks/throughput.py`) several times in one process: as it is, and with one
+class of the fast path's weight gradients replaced by zeros (kept dependent on the inputs, so nothing upstream
+is pruned): the 5x5 stride-1 convolutions at full resolution (28x28 for the paper's 28x28 models), every other
+stride-1 convolution (3x3s, and the sub-pixel convolutions of the transposed ones), and the strided
+convolutions. The variants are timed alternately, two steps per round, and one JSON line per variant gives the
+median step time and its difference from the full step: what that class of weight gradients costs in place,
+transposes and materialised copies included. Timing an op alone (`op_profile.py`) leaves those out.
+
+The variants compute wrong gradients: this measures time only. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hvaeood  # noqa: E402
+
+hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import throughput  # noqa: E402  (config loading, synthetic batches)
+from hvaeood import devices, layers  # noqa: E402
+from hvaeood import state as state_lib  # noqa: E402
+
+
+def _zero_grad(x, w, ct):
+  """Zeros shaped as w that still read x and the cotangent (so XLA keeps their producers)."""
+  return jnp.zeros_like(w) + 1e-30 * (ct[(0,) * ct.ndim] + x[(0,) * x.ndim])
+
+
+def _is_full_res_5x5(x, w, full_res: int) -> bool:
+  return x.shape[1] == full_res and w.shape[0] == 5
+
+
+@contextlib.contextmanager
+def _s1_rule(skip):
+  """conv_s1's backward with the weight gradient zeroed where skip(x, w)."""
+  original = layers._conv_s1_bwd  # pylint: disable=protected-access
+
+  def bwd(pads, dnn, res, ct):
+    dx, dw = original(pads, dnn, res, ct)
+    x, w = res
+    return dx, (_zero_grad(x, w, ct) if skip(x, w) else dw)
+
+  layers.conv_s1.defvjp(layers._conv_s1_fwd, bwd)  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    layers.conv_s1.defvjp(layers._conv_s1_fwd, original)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def _strided_rule():
+  original = layers._conv_strided_fastgrad_bwd  # pylint: disable=protected-access
+
+  def bwd(stride, pads, dnn, res, ct):
+    dx, _ = original(stride, pads, dnn, res, ct)
+    x, w = res
+    return dx, _zero_grad(x, w, ct)
+
+  layers.conv_strided_fastgrad.defvjp(layers._conv_strided_fastgrad_fwd, bwd)  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    layers.conv_strided_fastgrad.defvjp(layers._conv_strided_fastgrad_fwd, original)  # pylint: disable=protected-access
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", required=True)
+  ap.add_argument("--batch_size", type=int, default=128)
+  ap.add_argument("--rounds", type=int, default=4)
+  throughput.add_conv_args(ap)
+  args = ap.parse_args(argv)
+
+  config = throughput.load_config(args.config)
+  config.train.batch_size = args.batch_size
+  throughput.set_conv(config, args.conv_impl, args.chunk_bytes)
+  model = state_lib.model_for_config(config)
+  shape = model.spec.image_shape
+  mesh = devices.make_mesh(None)
+  x_host = throughput.synthetic_batch(np.random.default_rng(0), args.batch_size, shape,
+                                      config.model.likelihood == "bernoulli")
+  x = devices.to_global(x_host, NamedSharding(mesh, P("data")))
+  state0 = state_lib.init_state(config, model, x_host, mesh)
+  full_res = shape[0]
+  variants = {
+      "full step": contextlib.nullcontext,
+      f"no dW: 5x5 stride-1 at {full_res}x{full_res}": lambda: _s1_rule(lambda x, w: _is_full_res_5x5(x, w, full_res)),
+      "no dW: other stride-1 (3x3, sub-pixel)": lambda: _s1_rule(lambda x, w: not _is_full_res_5x5(x, w, full_res)),
+      "no dW: strided": _strided_rule,
+  }
+  compiled = {}
+  for name, rule in variants.items():
+    with rule():
+      compiled[name] = state_lib.jit_train_step(config, model, steps_per_epoch=1000, mesh=mesh).lower(
+          state0, x).compile()
+  states = {name: jax.tree.map(jnp.copy, state0) for name in compiled}  # each step donates its state
+  for name, fn in compiled.items():  # warm-up
+    states[name], metrics = fn(states[name], x)
+    jax.block_until_ready(metrics)
+  times = {name: [] for name in compiled}
+  for _ in range(args.rounds):
+    for name, fn in compiled.items():
+      t0 = time.perf_counter()
+      for _ in range(2):
+        states[name], metrics = fn(states[name], x)
+      jax.block_until_ready(metrics)
+      times[name].append((time.perf_counter() - t0) / 2)
+  base = statistics.median(times["full step"])
+  for name, ts in times.items():
+    step = statistics.median(ts)
+    print(json.dumps({"variant": name, "step_ms": round(step * 1e3, 1), "img_per_s": round(args.batch_size / step, 2),
+                      "saved_ms": round((base - step) * 1e3, 1), "rounds_ms": [round(t * 1e3) for t in ts]}),
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
