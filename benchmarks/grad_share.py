@@ -6,11 +6,13 @@ Compiles the training step (as `benchmarks/throughput.py`) several times in one 
 class of the fast path's weight gradients replaced by zeros (kept dependent on the inputs, so nothing upstream
 is pruned): the 5x5 stride-1 convolutions at full resolution (28x28 for the paper's 28x28 models), every other
 stride-1 convolution (3x3s, and the sub-pixel convolutions of the transposed ones), and the strided
-convolutions. The variants are timed alternately, two steps per round, and one JSON line per variant gives the
+convolutions. Two more variants keep the gradients exact and drop overheads around them: the `materialised`
+copies of the weight gradients' inputs (`layers.materialised` as the identity) and the batch chunks
+(one chunk per conv). The variants are timed alternately, two steps per round, and one JSON line per variant gives the
 median step time and its difference from the full step: what that class of weight gradients costs in place,
 transposes and materialised copies included. Timing an op alone (`op_profile.py`) leaves those out.
 
-The variants compute wrong gradients: this measures time only. Not part of the test suite.
+The "no dW" variants compute wrong gradients: this measures time only. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -81,6 +83,26 @@ def _strided_rule():
     layers.conv_strided_fastgrad.defvjp(layers._conv_strided_fastgrad_fwd, original)  # pylint: disable=protected-access
 
 
+@contextlib.contextmanager
+def _no_materialised():
+  original = layers.materialised
+  layers.materialised = lambda x: x
+  try:
+    yield
+  finally:
+    layers.materialised = original
+
+
+@contextlib.contextmanager
+def _no_chunks():
+  original = layers._num_chunks  # pylint: disable=protected-access
+  layers._num_chunks = lambda *args: 1  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    layers._num_chunks = original  # pylint: disable=protected-access
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True)
@@ -105,6 +127,8 @@ def main(argv=None) -> None:
       f"no dW: 5x5 stride-1 at {full_res}x{full_res}": lambda: _s1_rule(lambda x, w: _is_full_res_5x5(x, w, full_res)),
       "no dW: other stride-1 (3x3, sub-pixel)": lambda: _s1_rule(lambda x, w: not _is_full_res_5x5(x, w, full_res)),
       "no dW: strided": _strided_rule,
+      "exact, no materialised copies": _no_materialised,
+      "exact, no batch chunks": _no_chunks,
   }
   compiled = {}
   for name, rule in variants.items():
