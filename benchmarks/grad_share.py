@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,61 +47,21 @@ def _zero_grad(x, w, ct):
   return jnp.zeros_like(w) + 1e-30 * (ct[(0,) * ct.ndim] + x[(0,) * x.ndim])
 
 
-def _is_full_res_5x5(x, w, full_res: int) -> bool:
-  return x.shape[1] == full_res and w.shape[0] == 5
-
-
 @contextlib.contextmanager
-def _s1_rule(skip):
-  """conv_s1's backward with the weight gradient zeroed where skip(x, w)."""
-  original = layers._conv_s1_bwd  # pylint: disable=protected-access
+def _zeroed_dw(conv, fwd, bwd, skip=lambda x, w: True):
+  """The custom-VJP `conv` (forward rule `fwd`, backward rule `bwd`) with its weight gradient zeroed where
+  skip(x, w); the original rule is restored on exit."""
 
-  def bwd(pads, dnn, res, ct):
-    dx, dw = original(pads, dnn, res, ct)
-    x, w = res
+  def zeroed(*args):
+    dx, dw = bwd(*args)
+    (x, w), ct = args[-2:]  # every rule's last two arguments: the residuals (x, w) and the cotangent
     return dx, (_zero_grad(x, w, ct) if skip(x, w) else dw)
 
-  layers.conv_s1.defvjp(layers._conv_s1_fwd, bwd)  # pylint: disable=protected-access
+  conv.defvjp(fwd, zeroed)
   try:
     yield
   finally:
-    layers.conv_s1.defvjp(layers._conv_s1_fwd, original)  # pylint: disable=protected-access
-
-
-@contextlib.contextmanager
-def _strided_rule():
-  original = layers._conv_strided_fastgrad_bwd  # pylint: disable=protected-access
-
-  def bwd(stride, pads, dnn, res, ct):
-    dx, _ = original(stride, pads, dnn, res, ct)
-    x, w = res
-    return dx, _zero_grad(x, w, ct)
-
-  layers.conv_strided_fastgrad.defvjp(layers._conv_strided_fastgrad_fwd, bwd)  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    layers.conv_strided_fastgrad.defvjp(layers._conv_strided_fastgrad_fwd, original)  # pylint: disable=protected-access
-
-
-@contextlib.contextmanager
-def _no_materialised():
-  original = layers.materialised
-  layers.materialised = lambda x: x
-  try:
-    yield
-  finally:
-    layers.materialised = original
-
-
-@contextlib.contextmanager
-def _no_chunks():
-  original = layers._num_chunks  # pylint: disable=protected-access
-  layers._num_chunks = lambda *args: 1  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    layers._num_chunks = original  # pylint: disable=protected-access
+    conv.defvjp(fwd, bwd)
 
 
 def main(argv=None) -> None:
@@ -122,13 +83,18 @@ def main(argv=None) -> None:
   x = devices.to_global(x_host, NamedSharding(mesh, P("data")))
   state0 = state_lib.init_state(config, model, x_host, mesh)
   full_res = shape[0]
+  full_res_5x5 = lambda x, w: x.shape[1] == full_res and w.shape[0] == 5
+  # pylint: disable=protected-access
+  s1 = (layers.conv_s1, layers._conv_s1_fwd, layers._conv_s1_bwd)
+  strided = (layers.conv_strided_fastgrad, layers._conv_strided_fastgrad_fwd, layers._conv_strided_fastgrad_bwd)
+  # pylint: enable=protected-access
   variants = {
       "full step": contextlib.nullcontext,
-      f"no dW: 5x5 stride-1 at {full_res}x{full_res}": lambda: _s1_rule(lambda x, w: _is_full_res_5x5(x, w, full_res)),
-      "no dW: other stride-1 (3x3, sub-pixel)": lambda: _s1_rule(lambda x, w: not _is_full_res_5x5(x, w, full_res)),
-      "no dW: strided": _strided_rule,
-      "exact, no materialised copies": _no_materialised,
-      "exact, no batch chunks": _no_chunks,
+      f"no dW: 5x5 stride-1 at {full_res}x{full_res}": lambda: _zeroed_dw(*s1, full_res_5x5),
+      "no dW: other stride-1 (3x3, sub-pixel)": lambda: _zeroed_dw(*s1, lambda x, w: not full_res_5x5(x, w)),
+      "no dW: strided": lambda: _zeroed_dw(*strided),
+      "exact, no materialised copies": lambda: mock.patch.object(layers, "materialised", lambda x: x),
+      "exact, no batch chunks": lambda: mock.patch.object(layers, "_num_chunks", lambda *args: 1),
   }
   compiled = {}
   for name, rule in variants.items():
