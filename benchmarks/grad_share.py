@@ -1,6 +1,7 @@
 """What the weight gradients cost inside the compiled training step: the step against variants without them.
 
   python benchmarks/grad_share.py --config configs/fashion_mnist_hvae.py [--batch_size 128] [--rounds 4]
+      [--variants weight_grads | onednn_dw]
 
 Compiles the training step (as `benchmarks/throughput.py`) several times in one process: as it is, and with one
 class of the fast path's weight gradients replaced by zeros (kept dependent on the inputs, so nothing upstream
@@ -11,6 +12,11 @@ copies of the weight gradients' inputs (`layers.materialised` as the identity) a
 (one chunk per conv). The variants are timed alternately, two steps per round, and one JSON line per variant gives the
 median step time and its difference from the full step: what that class of weight gradients costs in place,
 transposes and materialised copies included. Timing an op alone (`op_profile.py`) leaves those out.
+
+With `--variants onednn_dw` it times instead where the oneDNN path's weight gradients run (`layers.
+weight_grad_onednn` for stride-1 kernels of at least `layers.ONEDNN_DW_MIN_KERNEL`, XLA's below): the step as it
+is against every stride-1 weight gradient on XLA, oneDNN from 3x3 and from 1x1 kernels, and oneDNN calls of 8
+and 32 examples instead of `layers.ONEDNN_DW_CHUNK` (benchmarks/README.md, change 13).
 
 The "no dW" variants compute wrong gradients: this measures time only. Not part of the test suite.
 """
@@ -69,6 +75,7 @@ def main(argv=None) -> None:
   ap.add_argument("--config", required=True)
   ap.add_argument("--batch_size", type=int, default=128)
   ap.add_argument("--rounds", type=int, default=4)
+  ap.add_argument("--variants", choices=("weight_grads", "onednn_dw"), default="weight_grads")
   throughput.add_conv_args(ap)
   args = ap.parse_args(argv)
 
@@ -88,7 +95,16 @@ def main(argv=None) -> None:
   s1 = (layers.conv_s1, layers._conv_s1_fwd, layers._conv_s1_bwd)
   strided = (layers.conv_strided_fastgrad, layers._conv_strided_fastgrad_fwd, layers._conv_strided_fastgrad_bwd)
   # pylint: enable=protected-access
-  variants = {
+  patched = lambda **kw: lambda: mock.patch.multiple(layers, **kw)
+  onednn_dw = {
+      "full step": contextlib.nullcontext,
+      "dW on XLA for every kernel": patched(ONEDNN_DW_MIN_KERNEL=1 << 30),
+      "dW on oneDNN from 3x3": patched(ONEDNN_DW_MIN_KERNEL=3),
+      "dW on oneDNN from 1x1": patched(ONEDNN_DW_MIN_KERNEL=1),
+      "oneDNN dW, 8 examples per call": patched(ONEDNN_DW_CHUNK=8),
+      "oneDNN dW, 32 examples per call": patched(ONEDNN_DW_CHUNK=32),
+  }
+  weight_grads = {
       "full step": contextlib.nullcontext,
       f"no dW: 5x5 stride-1 at {full_res}x{full_res}": lambda: _zeroed_dw(*s1, full_res_5x5),
       "no dW: other stride-1 (3x3, sub-pixel)": lambda: _zeroed_dw(*s1, lambda x, w: not full_res_5x5(x, w)),
@@ -96,6 +112,7 @@ def main(argv=None) -> None:
       "exact, no materialised copies": lambda: mock.patch.object(layers, "materialised", lambda x: x),
       "exact, no batch chunks": lambda: mock.patch.object(layers, "_num_chunks", lambda *args: 1),
   }
+  variants = onednn_dw if args.variants == "onednn_dw" else weight_grads
   compiled = {}
   for name, rule in variants.items():
     with rule():

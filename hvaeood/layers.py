@@ -216,6 +216,31 @@ def _conv_s1_fwd(x, w, pads, dnn):
   return conv_fwd(x, w, 1, pads, dnn), (x, w)
 
 
+# The smallest kernel whose stride-1 weight gradient runs on oneDNN (`weight_grad_onednn`) on the oneDNN path
+# (smaller kernels keep XLA's), and the examples per oneDNN call (measured: benchmarks/README.md, change 13).
+ONEDNN_DW_MIN_KERNEL = 5
+ONEDNN_DW_CHUNK = 16
+
+
+def weight_grad_onednn(x: Array, ct: Array, pads, chunk: Optional[int] = None) -> Array:
+  """The weight gradient of conv_plain(x, w, 1, pads) (cotangent ct) as oneDNN forward convolutions.
+
+  dw[a, b, c, o] = sum_{n, i, j} xp[n, i + a, j + b, c] ct[n, i, j, o] (xp: x padded by `pads`) is a stride-1
+  conv, with the same pads, of x read as [c, h, w, n] (x's channels as the batch, its batch as the channels)
+  with ct read as an [i, j, n, o] kernel; its [c, a, b, o] output is dw with the first axes swapped. The batch
+  is contracted in static slices of about `chunk` examples (None: `ONEDNN_DW_CHUNK`; oneDNN runs this shape
+  fastest with few input channels, benchmarks/README.md, change 13), summed in order. Needs non-negative pads.
+  """
+  n, chunk = x.shape[0], chunk or ONEDNN_DW_CHUNK
+  parts = max(1, -(-n // chunk))
+  bounds = [round(i * n / parts) for i in range(parts + 1)]
+  dw = None
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    part = onednn_lib.conv(x[lo:hi].transpose(3, 1, 2, 0), ct[lo:hi].transpose(1, 2, 0, 3), 1, pads)
+    dw = part if dw is None else dw + part
+  return dw.transpose(1, 2, 0, 3)
+
+
 def _conv_s1_bwd(pads, dnn, res, ct):
   x, w = res
   k = w.shape[:2]
@@ -225,8 +250,11 @@ def _conv_s1_bwd(pads, dnn, res, ct):
     return vjp(materialised(ct))
   # dx[i] = sum_j ct[i + j - (k-1-lo)] w[k-1-j]: a stride-1 conv of ct with the flipped kernel read as HWOI.
   dx = onednn_lib.conv(ct, jnp.flip(w, (0, 1)), 1, dx_pads, kernel_transposed=True)
-  dw = jax.vjp(lambda w_: conv_plain(materialised(x), w_, 1, pads), w)[1](materialised(ct))[0]
-  return dx, dw
+  if min(k) >= ONEDNN_DW_MIN_KERNEL and min(min(p) for p in pads) >= 0:
+    dw = weight_grad_onednn(materialised(x), materialised(ct), pads)
+  else:
+    dw = jax.vjp(lambda w_: conv_plain(materialised(x), w_, 1, pads), w)[1](materialised(ct))[0]
+  return dx, dw.astype(w.dtype)
 
 
 conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
