@@ -1,7 +1,7 @@
 """What the weight gradients cost inside the compiled training step: the step against variants without them.
 
   python benchmarks/grad_share.py --config configs/fashion_mnist_hvae.py [--batch_size 128] [--rounds 4]
-      [--variants weight_grads | onednn_dw]
+      [--variants weight_grads | onednn_dw | onednn_dw_chunk]
 
 Compiles the training step (as `benchmarks/throughput.py`) several times in one process: as it is, and with one
 class of the fast path's weight gradients replaced by zeros (kept dependent on the inputs, so nothing upstream
@@ -14,9 +14,10 @@ median step time and its difference from the full step: what that class of weigh
 transposes and materialised copies included. Timing an op alone (`op_profile.py`) leaves those out.
 
 With `--variants onednn_dw` it times instead where the oneDNN path's weight gradients run (`layers.
-weight_grad_onednn` for stride-1 kernels of at least `layers.ONEDNN_DW_MIN_KERNEL`, XLA's below): the step as it
-is against every stride-1 weight gradient on XLA, oneDNN from 3x3 and from 1x1 kernels, and oneDNN calls of 8
-and 32 examples instead of `layers.ONEDNN_DW_CHUNK` (benchmarks/README.md, change 13).
+onednn_weight_grad`: `layers.weight_grad_onednn` for stride-1 kernels of at least `layers.ONEDNN_DW_MIN_KERNEL`
+on an AVX-512 CPU, XLA's otherwise): the step as it is against every stride-1 weight gradient on XLA, and on
+oneDNN from 5x5, 3x3 and 1x1 kernels on any CPU; `--variants onednn_dw_chunk` against oneDNN calls of 8, 16 and
+32 examples (benchmarks/README.md, change 13).
 
 The "no dW" variants compute wrong gradients: this measures time only. Not part of the test suite.
 """
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
   ap.add_argument("--config", required=True)
   ap.add_argument("--batch_size", type=int, default=128)
   ap.add_argument("--rounds", type=int, default=4)
-  ap.add_argument("--variants", choices=("weight_grads", "onednn_dw"), default="weight_grads")
+  ap.add_argument("--variants", choices=("weight_grads", "onednn_dw", "onednn_dw_chunk"), default="weight_grads")
   throughput.add_conv_args(ap)
   args = ap.parse_args(argv)
 
@@ -99,10 +100,15 @@ def main(argv=None) -> None:
   onednn_dw = {
       "full step": contextlib.nullcontext,
       "dW on XLA for every kernel": patched(ONEDNN_DW_MIN_KERNEL=1 << 30),
-      "dW on oneDNN from 3x3": patched(ONEDNN_DW_MIN_KERNEL=3),
-      "dW on oneDNN from 1x1": patched(ONEDNN_DW_MIN_KERNEL=1),
-      "oneDNN dW, 8 examples per call": patched(ONEDNN_DW_CHUNK=8),
-      "oneDNN dW, 32 examples per call": patched(ONEDNN_DW_CHUNK=32),
+      "dW on oneDNN from 5x5": patched(ONEDNN_DW_MIN_KERNEL=5, ONEDNN_DW_NEEDS_AVX512=False),
+      "dW on oneDNN from 3x3": patched(ONEDNN_DW_MIN_KERNEL=3, ONEDNN_DW_NEEDS_AVX512=False),
+      "dW on oneDNN from 1x1": patched(ONEDNN_DW_MIN_KERNEL=1, ONEDNN_DW_NEEDS_AVX512=False),
+  }
+  onednn_dw_chunk = {
+      "full step": contextlib.nullcontext,
+      "oneDNN dW from 5x5, 8 examples per call": patched(ONEDNN_DW_CHUNK=8, ONEDNN_DW_NEEDS_AVX512=False),
+      "oneDNN dW from 5x5, 16 examples per call": patched(ONEDNN_DW_CHUNK=16, ONEDNN_DW_NEEDS_AVX512=False),
+      "oneDNN dW from 5x5, 32 examples per call": patched(ONEDNN_DW_CHUNK=32, ONEDNN_DW_NEEDS_AVX512=False),
   }
   weight_grads = {
       "full step": contextlib.nullcontext,
@@ -112,7 +118,7 @@ def main(argv=None) -> None:
       "exact, no materialised copies": lambda: mock.patch.object(layers, "materialised", lambda x: x),
       "exact, no batch chunks": lambda: mock.patch.object(layers, "_num_chunks", lambda *args: 1),
   }
-  variants = onednn_dw if args.variants == "onednn_dw" else weight_grads
+  variants = {"weight_grads": weight_grads, "onednn_dw": onednn_dw, "onednn_dw_chunk": onednn_dw_chunk}[args.variants]
   compiled = {}
   for name, rule in variants.items():
     with rule():

@@ -110,7 +110,8 @@ class _WeightNormBase(nn.Module):
 #     chunk slices) ran ~10x slower than the same transpose of a stored array;
 #   * on a single CPU device with jaxlib's oneDNN runtime (`hvaeood.onednn`; 'auto' where usable): the forward
 #     convs and the input gradients of stride-1 convs on oneDNN's kernels (1.2-1.4x XLA's Eigen kernels per op
-#     here), the weight gradients with XLA. Several devices keep XLA's kernels: the custom call has no SPMD
+#     here), the weight gradients of stride-1 5x5s too where the CPU has AVX-512 (`onednn_weight_grad`), the
+#     other weight gradients with XLA. Several devices keep XLA's kernels: the custom call has no SPMD
 #     partitioning rule.
 # The sub-pixel kernel is built from the folded weight w by pads, reshapes, transposes and flips only (a static
 # gather), so the stored parameters are the same for both paths, and results agree to float32 rounding
@@ -216,10 +217,19 @@ def _conv_s1_fwd(x, w, pads, dnn):
   return conv_fwd(x, w, 1, pads, dnn), (x, w)
 
 
-# The smallest kernel whose stride-1 weight gradient runs on oneDNN (`weight_grad_onednn`) on the oneDNN path
-# (smaller kernels keep XLA's), and the examples per oneDNN call (measured: benchmarks/README.md, change 13).
+# On the oneDNN path, the stride-1 weight gradients of kernels of at least ONEDNN_DW_MIN_KERNEL run on oneDNN
+# (`weight_grad_onednn`, ONEDNN_DW_CHUNK examples per call) where the CPU has AVX-512 (or anywhere when
+# ONEDNN_DW_NEEDS_AVX512 is False); the others keep XLA's kernel. Measurements: benchmarks/README.md, change 13.
 ONEDNN_DW_MIN_KERNEL = 5
 ONEDNN_DW_CHUNK = 16
+ONEDNN_DW_NEEDS_AVX512 = True
+
+
+def onednn_weight_grad(kernel: Sequence[int], pads) -> bool:
+  """Whether the oneDNN path runs the weight gradient of a stride-1 conv with this kernel size and these pads on
+  oneDNN (the rule above; non-negative pads only)."""
+  return (min(kernel) >= ONEDNN_DW_MIN_KERNEL and min(min(p) for p in pads) >= 0
+          and (onednn_lib.cpu_has_avx512() or not ONEDNN_DW_NEEDS_AVX512))
 
 
 def weight_grad_onednn(x: Array, ct: Array, pads, chunk: Optional[int] = None) -> Array:
@@ -250,7 +260,7 @@ def _conv_s1_bwd(pads, dnn, res, ct):
     return vjp(materialised(ct))
   # dx[i] = sum_j ct[i + j - (k-1-lo)] w[k-1-j]: a stride-1 conv of ct with the flipped kernel read as HWOI.
   dx = onednn_lib.conv(ct, jnp.flip(w, (0, 1)), 1, dx_pads, kernel_transposed=True)
-  if min(k) >= ONEDNN_DW_MIN_KERNEL and min(min(p) for p in pads) >= 0:
+  if onednn_weight_grad(k, pads):
     dw = weight_grad_onednn(materialised(x), materialised(ct), pads)
   else:
     dw = jax.vjp(lambda w_: conv_plain(materialised(x), w_, 1, pads), w)[1](materialised(ct))[0]

@@ -5,9 +5,11 @@ jaxlib's x86-64 Linux builds link oneDNN, and XLA:CPU executes a custom call nam
 kernels on XLA's intra-op thread pool. No XLA pass emits that call in the jaxlib versions measured here, so
 `conv` emits it directly. On this project's 2-core AVX-512 machine oneDNN ran the model's 5x5 and 3x3
 convolutions (forward, and the input gradient as a forward convolution of the cotangent) at 310-390 GFLOP/s
-against 250-300 for XLA's Eigen kernels (per op, measured in isolation). Weight gradients stay with XLA: as a
-forward convolution (the batch contracted) oneDNN falls back to a reference kernel. The models use it on a
-single float32 CPU device with config.model.conv_impl 'auto' (the default) or 'onednn' (layers.ConvPolicy).
+against 250-300 for XLA's Eigen kernels (per op, measured in isolation). A weight gradient is a forward
+convolution too, with the batch contracted: written in oneDNN's canonical layout (`layers.weight_grad_onednn`:
+the input's channels as the batch, the cotangent as the kernel, both transposed first) it runs on JIT kernels,
+faster than XLA's on an AVX-512 CPU and slower on an AVX2 one (`cpu_has_avx512`); in strided layouts, without the
+transposes, oneDNN falls back to a reference kernel. The models use it on a single float32 CPU device with config.model.conv_impl 'auto' (the default) or 'onednn' (layers.ConvPolicy).
 XLA:CPU cannot serialize a program that holds the call, so JAX's persistent compilation cache does not store
 such programs (jax warns; the launchers silence that warning, `cli.UNCACHEABLE_ONEDNN_WARNING`).
 
@@ -152,6 +154,24 @@ def _probe() -> bool:
     return False
   return all(g.shape == v.shape and np.allclose(np.asarray(g), np.asarray(v), rtol=1e-4, atol=1e-4)
              for g, v in zip(got, want))
+
+
+@functools.cache
+def cpu_has_avx512() -> bool:
+  """Whether this CPU reports AVX-512 (`avx512f` among /proc/cpuinfo's flags; False where that cannot be read).
+
+  oneDNN's JIT kernels differ by instruction set: the weight gradient as a forward convolution
+  (`layers.weight_grad_onednn`) ran faster than XLA's kernel on an AVX-512 CPU and slower on an AVX2-only one
+  (benchmarks/README.md, change 13), so the layers use it only where this is True.
+  """
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return "avx512f" in line.split()
+  except OSError:
+    pass
+  return False
 
 
 @functools.cache

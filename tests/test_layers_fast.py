@@ -9,6 +9,7 @@ checked against a float64 numpy convolution, and the fast paths on it against la
 import math
 import platform
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -257,14 +258,15 @@ def test_onednn_conv_eagerly_and_under_vmap_equals_float64_numpy():
     (5, 1, False, 9, 8), (3, 1, False, 7, 7), (1, 1, False, 5, 6), (5, 2, False, 14, 9), (3, 2, False, 7, 7),
     (5, 2, True, 7, 6), (3, 2, True, 7, 7), (4, 2, True, 3, 5)])
 def test_fast_paths_on_onednn_equal_plain(k, s, transpose, h, w):
-  """conv2d on oneDNN (forward convs, stride-1 input gradients and the 5x5 stride-1 weight gradient; other
-  weight gradients by XLA) equals the plain lax conv in value, input and weight gradient, with and without
-  batch chunks."""
+  """conv2d on oneDNN (forward convs, stride-1 input gradients and, on any CPU here, the 5x5 stride-1 weight
+  gradient; other weight gradients by XLA) equals the plain lax conv in value, input and weight gradient, with
+  and without batch chunks."""
   rng, x, wt = _inputs(k * 7 + s + h, 5, h, w, 3, k, 4)
   for budget in (0, 4 * 2 * 3 * max(h * w, (h * s) * (w * s))):
-    _check_same(lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=False),
-                lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=budget, onednn=True),
-                x, wt, rng)
+    with mock.patch.object(layers, "ONEDNN_DW_NEEDS_AVX512", False):
+      _check_same(lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=False),
+                  lambda x, wt: layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=budget, onednn=True),
+                  x, wt, rng)
 
 
 @needs_dnn
@@ -290,22 +292,44 @@ def test_onednn_weight_gradient_equals_float64_numpy(k, pads, hw, n, chunk):
 
 
 @needs_dnn
-def test_auto_runs_forward_and_gradients_on_onednn():
-  """On one CPU device `auto` (onednn=None) puts a stride-1 conv's forward and input gradient on oneDNN, and its
-  weight gradient for kernels of at least `layers.ONEDNN_DW_MIN_KERNEL` (three custom calls in the compiled
-  gradient of a 5x5 conv on 4 examples), a strided conv's forward and its sub-pixel input gradient, and a
-  transposed conv's sub-pixel conv and its input gradient (their sub-pixel kernels are 3x3: weight gradients
-  by XLA); onednn=False leaves none."""
+@pytest.mark.parametrize("avx512", [True, False])
+def test_auto_runs_forward_and_gradients_on_onednn(avx512):
+  """On one CPU device `auto` (onednn=None) puts a stride-1 conv's forward and input gradient on oneDNN, and on
+  an AVX-512 CPU its weight gradient too for kernels of at least `layers.ONEDNN_DW_MIN_KERNEL` (three custom
+  calls in the compiled gradient of a 5x5 conv on 4 examples, two without AVX-512), a strided conv's forward and
+  its sub-pixel input gradient, and a transposed conv's sub-pixel conv and its input gradient (their sub-pixel
+  kernels are 3x3: weight gradients by XLA); onednn=False leaves none."""
   if jax.device_count() != 1:
     pytest.skip("auto uses oneDNN on a single device only")
-  assert layers.ONEDNN_DW_MIN_KERNEL == 5 and layers.ONEDNN_DW_CHUNK >= 4
+  assert layers.ONEDNN_DW_MIN_KERNEL == 5 and layers.ONEDNN_DW_CHUNK >= 4 and layers.ONEDNN_DW_NEEDS_AVX512
   rng, x, wt = _inputs(5, 4, 8, 8, 3, 5, 3)
-  for s, transpose in ((1, False), (2, False), (2, True)):
-    for dnn, calls in ((None, 3 if s == 1 else 2), (False, 0)):
-      loss = lambda x, wt: jnp.sum(jnp.sin(layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=0,
-                                                         onednn=dnn)))
-      hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, wt).compile().as_text()
-      assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == calls, (s, transpose, dnn)
+  with mock.patch.object(onednn, "cpu_has_avx512", lambda: avx512):
+    for s, transpose in ((1, False), (2, False), (2, True)):
+      for dnn, calls in ((None, 3 if s == 1 and avx512 else 2), (False, 0)):
+        loss = lambda x, wt: jnp.sum(jnp.sin(layers.conv2d(x, wt, s, transpose, fast=True, chunk_bytes=0,
+                                                           onednn=dnn)))
+        hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, wt).compile().as_text()
+        assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == calls, (s, transpose, dnn)
+
+
+@pytest.mark.parametrize("flags,want", [
+    ("fpu sse2 avx2 avx512f avx512dq avx512bw", True), ("fpu sse2 avx2 fma", False),
+    ("fpu avx2 avx512fp16 avx512_bf16", False)])
+def test_cpu_has_avx512_reads_the_flags_line(flags, want, tmp_path):
+  """`onednn.cpu_has_avx512` is True exactly when /proc/cpuinfo's flags hold the token avx512f (not a longer
+  flag that starts with it), and False where the file cannot be read."""
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU avx512f\nflags\t\t: {flags}\n\n")
+  real_open = open
+  fake_open = lambda path, *a, **kw: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **kw)
+  missing_open = lambda path, *a, **kw: (_ for _ in ()).throw(FileNotFoundError(path))
+  try:
+    for opener, expected in ((fake_open, want), (missing_open, False)):
+      onednn.cpu_has_avx512.cache_clear()
+      with mock.patch("builtins.open", opener):
+        assert onednn.cpu_has_avx512() is expected
+  finally:
+    onednn.cpu_has_avx512.cache_clear()
 
 
 def test_onednn_resolution_and_errors():
