@@ -130,7 +130,8 @@ class ConvPolicy:
       chunks (e.g. an evaluation's 1,500 rows) is not split, since its chunks would not fit either and the split
       only adds copies (benchmarks/README.md, change 9); 0 turns chunking off, None is
       `DEFAULT_CONV_CHUNK_BYTES`.
-    onednn: run the fast path's forward and input-gradient convs on oneDNN (`hvaeood.onednn`); None: where
+    onednn: run the fast path's forward and input-gradient convs on oneDNN (`hvaeood.onednn`), and the 5x5
+      weight gradients on an AVX-512 CPU (`onednn_weight_grad`); None: where
       `resolve_onednn` finds it usable (CPU backend, one device, float32, a verified jaxlib), True: required
       (an error where it cannot run), False: XLA's kernels only.
   """
