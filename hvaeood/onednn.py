@@ -8,8 +8,9 @@ convolutions (forward, and the input gradient as a forward convolution of the co
 against 250-300 for XLA's Eigen kernels (per op, measured in isolation). A weight gradient is a forward
 convolution too, with the batch contracted: written in oneDNN's canonical layout (`layers.weight_grad_onednn`:
 the input's channels as the batch, the cotangent as the kernel, both transposed first) it runs on JIT kernels,
-faster than XLA's on an AVX-512 CPU and slower on an AVX2 one (`cpu_has_avx512`); in strided layouts, without the
-transposes, oneDNN falls back to a reference kernel. The models use it on a single float32 CPU device with config.model.conv_impl 'auto' (the default) or 'onednn' (layers.ConvPolicy).
+faster than XLA's on an AVX-512 CPU and slower on an AVX2 one (`cpu_has_avx512`); in strided layouts, without
+the transposes, oneDNN falls back to a reference kernel. The models use it on a single float32 CPU device with
+config.model.conv_impl 'auto' (the default) or 'onednn' (layers.ConvPolicy).
 XLA:CPU cannot serialize a program that holds the call, so JAX's persistent compilation cache does not store
 such programs (jax warns; the launchers silence that warning, `cli.UNCACHEABLE_ONEDNN_WARNING`).
 
