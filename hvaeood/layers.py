@@ -233,6 +233,12 @@ def onednn_weight_grad(kernel: Sequence[int], pads) -> bool:
           and (onednn_lib.cpu_has_avx512() or not ONEDNN_DW_NEEDS_AVX512))
 
 
+def _slices(n: int, parts: int) -> list[tuple[int, int]]:
+  """(lo, hi) bounds of `parts` static, nearly equal, consecutive slices of range(n)."""
+  bounds = [round(i * n / parts) for i in range(parts + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
 def weight_grad_onednn(x: Array, ct: Array, pads, chunk: Optional[int] = None) -> Array:
   """The weight gradient of conv_plain(x, w, 1, pads) (cotangent ct) as oneDNN forward convolutions.
 
@@ -243,10 +249,8 @@ def weight_grad_onednn(x: Array, ct: Array, pads, chunk: Optional[int] = None) -
   fastest with few input channels, benchmarks/README.md, change 13), summed in order. Needs non-negative pads.
   """
   n, chunk = x.shape[0], chunk or ONEDNN_DW_CHUNK
-  parts = max(1, -(-n // chunk))
-  bounds = [round(i * n / parts) for i in range(parts + 1)]
   dw = None
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
+  for lo, hi in _slices(n, max(1, -(-n // chunk))):
     part = onednn_lib.conv(x[lo:hi].transpose(3, 1, 2, 0), ct[lo:hi].transpose(1, 2, 0, 3), 1, pads)
     dw = part if dw is None else dw + part
   return dw.transpose(1, 2, 0, 3)
@@ -419,9 +423,7 @@ def _batch_chunked(fn: Callable[[Array], Array], x: Array, chunks: int) -> Array
   """fn over static, nearly equal batch slices of x, concatenated (a Python loop: lax.map's gradient is slow)."""
   if chunks <= 1:
     return fn(x)
-  n = x.shape[0]
-  bounds = [round(i * n / chunks) for i in range(chunks + 1)]
-  return jnp.concatenate([fn(x[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])], axis=0)
+  return jnp.concatenate([fn(x[lo:hi]) for lo, hi in _slices(x.shape[0], chunks)], axis=0)
 
 
 def conv2d(x: Array, w: Array, stride: int = 1, transpose: bool = False, fast: Optional[bool] = None,

@@ -322,7 +322,10 @@ def test_cpu_has_avx512_reads_the_flags_line(flags, want, tmp_path):
   cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU avx512f\nflags\t\t: {flags}\n\n")
   real_open = open
   fake_open = lambda path, *a, **kw: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **kw)
-  missing_open = lambda path, *a, **kw: (_ for _ in ()).throw(FileNotFoundError(path))
+
+  def missing_open(path, *args, **kwargs):
+    raise FileNotFoundError(path)
+
   try:
     for opener, expected in ((fake_open, want), (missing_open, False)):
       onednn.cpu_has_avx512.cache_clear()
