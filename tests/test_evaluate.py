@@ -331,12 +331,12 @@ def test_multi_process_outputs_are_reassembled_in_file_order():
   np.testing.assert_array_equal(got, np.stack([np.arange(n), np.arange(n) + 100.0]))
 
 
-def test_iw_1000_samples_run_in_bounded_memory():
+def test_iw_1000_samples_run_in_bounded_memory(workdir):
   """S = 1000 on 8 examples with max_rows = 256 (32 replicas per chunk). Memory is O(max_rows), not O(S): the
   peak RSS may grow only a little from S = 10 to S = 1000 (evaluating all 8024 rows at once adds ~1 GB here).
   The IW ELBO is >= the mean of its own single-sample ELBOs (Jensen, per example) and, on average, >= the
-  single-sample ELBO estimated from a separate run's samples (S = 10)."""
-  proc = subprocess.run([sys.executable, str(H.PROGRAMS / "iw_memory.py"), "256"], cwd=REPO, env=_env(),
+  single-sample ELBO estimated from a separate run's samples (S = 10). The model is the trained tiny checkpoint."""
+  proc = subprocess.run([sys.executable, str(H.PROGRAMS / "iw_memory.py"), "256", workdir], cwd=REPO, env=_env(),
                         capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]
   res = {int(k): v for k, v in json.loads(proc.stdout.split("RESULT ")[-1]).items()}

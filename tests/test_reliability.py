@@ -183,6 +183,18 @@ def uses(*names):
   return mark
 
 
+def _wait_for_compiled_programs(shared: pathlib.Path, reference: concurrent.futures.Future) -> None:
+  """Waits until the reference run has committed its first checkpoint (or has ended, or was built earlier).
+
+  Every chain runs the same config, so its processes compile the same init and training-step programs; started
+  together, three processes compiled them at once (about 90 s each on the 2-core machine, the suite's largest
+  compile cost) where one compile and two persistent-cache reads do. A committed checkpoint means both programs
+  were compiled, and so written to the cache, first. The other chains start after it.
+  """
+  H.wait_for(lambda: reference.done() or (shared / "reference.done").exists()
+             or H.checkpoint_steps(shared / "reference"), TIMEOUT, "the reference run's first checkpoint")
+
+
 @pytest.fixture(scope="module")
 def chains(tfds_data_dir, tmp_path_factory, pytestconfig, request):
   base = tmp_path_factory.mktemp("reliability")
@@ -216,10 +228,12 @@ def chains(tfds_data_dir, tmp_path_factory, pytestconfig, request):
     fn = getattr(item, "function", None)
     if getattr(item, "module", None) is module and fn is not None:
       wanted.update(getattr(fn, "reliability_chains", ()))
+  t0 = time.time()
   for name in CHAINS:
     if name in wanted:
       submit(name)
-  t0 = time.time()
+      if name == "reference":
+        _wait_for_compiled_programs(shared, futures["reference"])
   yield {"submit": submit, "base": base, "cfg": cfg, "seed": seed}
   for fut in futures.values():
     fut.cancel()

@@ -1,19 +1,18 @@
-"""Peak RSS and bounds of S = 10 and S = 1000 importance sampling on 8 examples (test_evaluate): argv MAX_ROWS.
+"""Peak RSS and bounds of S = 10 and S = 1000 importance sampling on 8 examples (test_evaluate).
 
-Prints `RESULT <json>`.
+argv: MAX_ROWS CHECKPOINT (a trained tiny workdir: its parameters are loaded, so this process compiles only the
+two bounds programs, not the data-dependent init). Prints `RESULT <json>`.
 """
 import json, resource, sys
 import jax, jax.numpy as jnp, numpy as np
-from configs import fashion_mnist_hvae
-from hvaeood import devices, scoring, state as state_lib
-from hvaeood.models import init_params
+from hvaeood import devices, loading, scoring, state as state_lib
 
 def peak_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-model = state_lib.model_for_config(fashion_mnist_hvae.get_config("tiny"))
+loaded = loading.load_for_eval(sys.argv[2])
+model, params = state_lib.model_for_config(loaded.config), loaded.params
 x = jnp.asarray((np.random.default_rng(0).random((8, 28, 28, 1)) < 0.3).astype(np.float32))
-params = init_params(model, jax.random.PRNGKey(0), x)
 mesh = devices.make_mesh()
 res = {}
 for s in (10, 1000):
