@@ -3,7 +3,8 @@ second trainer on its workdir, and is deterministic.
 
 Every training run here is the real `train.py` in a subprocess (tiny config, 128 training examples, a checkpoint
 every step; see helpers). The slow parts run as three background chains that start when the module
-does, so that their subprocesses overlap:
+does, so that their subprocesses overlap (the kill and SIGTERM chains once the reference run has compiled the
+programs they all share, `_wait_for_compiled_programs`):
 
 * reference: an uninterrupted N-step run (shared with test_cli_errors), then a resume from a copy with a
   truncated latest checkpoint, then evaluate.py twice;
