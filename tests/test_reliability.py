@@ -185,15 +185,15 @@ def uses(*names):
 
 
 def _wait_for_compiled_programs(shared: pathlib.Path, reference: concurrent.futures.Future) -> None:
-  """Waits until the reference run has committed its first checkpoint (or has ended, or was built earlier).
+  """Waits until the reference run has committed its first checkpoint, or has ended (or was built earlier).
 
   Every chain runs the same config, so its processes compile the same init and training-step programs; started
   together, three processes compiled them at once (about 90 s each on the 2-core machine, the suite's largest
   compile cost) where one compile and two persistent-cache reads do. A committed checkpoint means both programs
   were compiled, and so written to the cache, first. The other chains start after it.
   """
-  H.wait_for(lambda: reference.done() or (shared / "reference.done").exists()
-             or H.checkpoint_steps(shared / "reference"), TIMEOUT, "the reference run's first checkpoint")
+  H.wait_for(lambda: reference.done() or H.checkpoint_steps(shared / "reference"), TIMEOUT,
+             "the reference run's first checkpoint")
 
 
 @pytest.fixture(scope="module")
