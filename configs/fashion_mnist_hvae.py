@@ -7,7 +7,7 @@ Variants (``--config configs/fashion_mnist_hvae.py:VARIANT``):
   Cost: 468 steps per epoch (60,000 // 128, the rest of each epoch dropped), 468,000 steps; about 2 days on a
   GTX 1080 Ti for the reference; see benchmarks/README.md for ours.
 * ``cpu``: the paper's latents at half width (32 channels, 756,962 parameters), batch 64, with a 30-minute
-  wall-clock training budget on 2 CPU cores: 2,121-2,135 steps (2.3 epochs) on the 2-core AVX2 test machine
+  wall-clock training budget on 2 CPU cores: 2,121-2,250 steps (2.3-2.4 epochs) on the 2-core AVX2 test machine
   (configs/common.py).
   Launch: ``python train.py --config configs/fashion_mnist_hvae.py:cpu --workdir runs/fmnist_cpu``.
 * ``tiny``: a small model for tests and CI; trains in well under a minute on a CPU.
