@@ -128,23 +128,23 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
 def cpu_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """30 minutes of training on 2 CPU cores: the paper's model at half width, schedules compressed into the budget.
 
-  Half the channels (64 -> 32 for FashionMNIST/MNIST) costs a quarter of the FLOPs. Batch 64, not the paper's
-  128: in a 30-minute run, far from convergence, the number of updates counted for more than the smaller batch's
-  gradient noise. On the 2-core AVX2 test machine batch 64 trains at 0.89x the images/s of batch 128 (76 vs 86
-  synthetic, `benchmarks/throughput.py`), so the budget buys 1.8x the updates: 2,121-2,250 steps (2.3-2.4
-  epochs) instead of 1,143-1,164, and the LLR>1 AUROC against MNIST was 0.967 / 0.923 / 0.937 for seeds 1-3
-  (batch 128: 0.931 for seed 1, 0.748 for seed 3; benchmarks/README.md, issue 14, eighth session). The budget is wall-clock training time (evaluation and checkpointing excluded; it survives
-  resumes); `num_steps` (5 FashionMNIST epochs at batch 64) only caps it. Adam at 1e-3 with gradient-norm
-  clipping (the single-sample KL is heavy-tailed early in training). The schedule keeps the paper's proportions
-  for a 3.75-epoch run (KL warm-up over the first 20% of training, free nats held to 20% and annealed to zero by
-  40%, the plain ELBO after that): warm-up over the first 0.75 epoch, free nats held to epoch 0.75 and annealed to
-  zero by epoch 1.5 (step 1,406 at batch 64), so the slow machine's 2.3-epoch runs optimises the plain ELBO for its
-  last third. The free nats are the batch-mean free bits (`per_layer_batch`): with the paper's per-example floor
-  the top latents collapsed within the first 200 steps for most seeds (z2 and z3 under 0.5 nats for seeds 2 and
-  3; benchmarks/README.md, issue 14), which sank LLR>1 and LLR>2. Evaluation uses an EMA of the parameters (decay
-  0.9975: about the last 400 steps, the last 25,600 images as at batch 128 with decay 0.995): at batch 128 it gave
-  a better test ELBO and LLR>1 than the raw parameters on the same training runs, for every seed measured
-  (benchmarks/README.md).
+  Half the channels (64 -> 32 for FashionMNIST/MNIST) costs a quarter of the FLOPs. Batch 64, not the paper's 128:
+  in a 30-minute run, far from convergence, the number of updates counted for more than the smaller batch's gradient
+  noise. On the 2-core AVX2 test machine batch 64 trains at 0.89x the images/s of batch 128 (76 vs 86 synthetic,
+  `benchmarks/throughput.py`), so the budget buys 1.8x the updates: 2,121-2,250 steps (2.3-2.4 epochs) instead of
+  1,143-1,164, and the LLR>1 AUROC against MNIST was 0.967 / 0.923 / 0.937 for seeds 1-3 (batch 128: 0.931 for seed
+  1, 0.748 for seed 3; benchmarks/README.md, issue 14, eighth session). The budget is wall-clock training time
+  (evaluation and checkpointing excluded; it survives resumes); `num_steps` (5 FashionMNIST epochs at batch 64) only
+  caps it. Adam at 1e-3 with gradient-norm clipping (the single-sample KL is heavy-tailed early in training). The
+  schedule keeps the paper's proportions for a 3.75-epoch run (KL warm-up over the first 20% of training, free nats
+  held to 20% and annealed to zero by 40%, the plain ELBO after that): warm-up over the first 0.75 epoch, free nats
+  held to epoch 0.75 and annealed to zero by epoch 1.5 (step 1,406 at batch 64), so the slow machine's 2.3-2.4-epoch
+  runs optimise the plain ELBO for about their last third. The free nats are the batch-mean free bits
+  (`per_layer_batch`): with the paper's per-example floor the top latents collapsed within the first 200 steps for
+  most seeds (z2 and z3 under 0.5 nats for seeds 2 and 3; benchmarks/README.md, issue 14), which sank LLR>1 and
+  LLR>2. Evaluation uses an EMA of the parameters (decay 0.9975: about the last 400 steps, the last 25,600 images as
+  at batch 128 with decay 0.995): at batch 128 it gave a better test ELBO and LLR>1 than the raw parameters on the
+  same training runs, for every seed measured (benchmarks/README.md).
   """
   m = config.model
   m.channels = tuple(tuple(max(8, c // 2) for c in stage) for stage in m.channels)
