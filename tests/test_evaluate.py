@@ -266,21 +266,42 @@ def test_lowered_evaluation_and_training_carry_the_precision(workdir, precision)
 
 
 def test_eight_devices_score_a_set_smaller_than_one_batch(workdir, tfds_data_dir, tmp_path):
-  """The default batch (500) on 8 devices, 5 examples per set: the batch is padded to 504 rows (a multiple of 8),
-  the padding masked, and the 5 scores of each pass are those of an independent pass over the padded batch."""
-  n = 5
+  """A batch of 20 on 8 devices, 5 examples per set: the batch is padded to 24 rows (a multiple of 8), the padding
+  masked, and the 5 scores of each pass are those of an independent pass over the padded batch. (The default
+  batch, 500, pads to 504 by the same rule, `test_padded_batch_size_is_the_least_multiple_of_devices_and_processes`;
+  scoring 504 rows for 5 examples took this test three times the CPU.)"""
+  n, batch = 5, 20
   proc = run_cli("--checkpoint", workdir, "--ood", "mnist", "--output_dir", tmp_path, "--max_examples", n,
-                 XLA_FLAGS="--xla_force_host_platform_device_count=8")
+                 "--batch_size", batch, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   assert proc.returncode == 0, proc.stderr[-5000:]
   r = json.loads((tmp_path / "results.json").read_text())
-  assert r["devices"] == 8 and r["batch_size"] == 500 and r["padded_batch_size"] == 504
+  assert r["devices"] == 8 and r["batch_size"] == batch and r["padded_batch_size"] == 24
   assert r["n_examples_by_dataset"] == {"fashion_mnist": n, "fashion_mnist (sanity)": n, "mnist": n,
                                         "fashion_mnist (fit)": n}  # the fit pass, capped by --max_examples
   loaded = loading.load_for_eval(workdir)
   assert_scores_are_independent_passes(
       np.load(tmp_path / "scores.npz"), loaded.params, state_lib.model_for_config(loaded.config),
-      [("fashion_mnist", "fashion_mnist", "test", 0), ("mnist", "mnist", "test", 0)], batch=504, n=n,
+      [("fashion_mnist", "fashion_mnist", "test", 0), ("mnist", "mnist", "test", 0)], batch=24, n=n,
       data_dir=tfds_data_dir)
+
+
+class _FakeMesh:
+  """What `devices.padded_batch_size` reads of a mesh: its device array."""
+
+  def __init__(self, n):
+    self.devices = np.empty((n,), object)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_padded_batch_size_is_the_least_multiple_of_devices_and_processes(processes, monkeypatch):
+  """Every batch on every device count pads to the least size >= the batch that both the devices and the processes
+  divide (found here by search), e.g. the default evaluation batch 500 to 504 on 8 devices."""
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  for n_dev in (1, 2, 3, 4, 6, 8, 12):
+    for b in list(range(1, 40)) + [128, 500, 1000]:
+      want = next(p for p in range(b, b + n_dev * processes + 1) if p % n_dev == 0 and p % processes == 0)
+      assert devices.padded_batch_size(b, _FakeMesh(n_dev)) == want, (b, n_dev, processes)
+  assert devices.padded_batch_size(500, _FakeMesh(8)) == 504  # 63 x 8 = 21 x 24
 
 
 def test_chunked_importance_weighting_follows_the_documented_row_layout(workdir, tfds_data_dir):
