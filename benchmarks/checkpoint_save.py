@@ -1,13 +1,15 @@
-"""Checkpoint save time of a config's full training state, with and without the integrity checks.
+"""Checkpoint save and restore time of a config's full training state: ours (format 2, the state packed into
+one array per dtype, with the integrity checks) against orbax alone on the state's tree of arrays (format 1's
+layout, without checks).
 
   python benchmarks/checkpoint_save.py [--config configs/cifar10_biva.py] [--ema_decay 0.999] [--repeats 2]
       [--dir /tmp/ckpt_bench]
 
-Builds the config's TrainState with random float32 values (no model init: the save cost does not depend on
-the values), then times `hvaeood.checkpoints.save` (orbax save plus the integrity work) and a bare orbax save of
-the same state, and prints one JSON line: state bytes, seconds of each (median of --repeats), and the parts of
-the integrity work (`hvaeood.integrity`) measured on their own: the state checksum and the file manifest that a
-save adds, and the file verification that a restore adds. TF-free.
+Builds the config's TrainState with random float32 values (no model init: the cost does not depend on the
+values), then times `hvaeood.checkpoints.save` and `restore` and a bare orbax save and restore of the tree, and
+prints one JSON line: state bytes and leaves, wall and CPU seconds of each (median of --repeats; the first
+repeat includes any compilation), and the integrity parts on their own: the packed arrays' CRC-32 and the file
+manifest that a save adds, and the file verification that a restore adds. TF-free.
 """
 
 from __future__ import annotations
@@ -45,21 +47,20 @@ def random_state(config):
   return jax.tree_util.tree_map(fill, abstract)
 
 
-def integrity_parts(state, step_dir: str, repeats: int) -> dict:
-  """Seconds (median of `repeats`) of each part of the integrity work, on a saved checkpoint's `step_dir`."""
+def timed(fn) -> tuple:
+  """(wall, CPU) seconds of fn()."""
+  w, c = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - w, time.process_time() - c
+
+
+def integrity_parts(packed, step_dir: str, repeats: int) -> dict:
+  """Wall seconds (median of `repeats`) of each part of the integrity work, on a saved checkpoint's `step_dir`."""
   from hvaeood import integrity  # pylint: disable=import-outside-toplevel
-  parts = {"state_checksum_s": lambda: integrity.state_checksum(state),
+  parts = {"state_crc32_s": lambda: integrity.packed_crc32(packed),
            "write_manifest_s": lambda: integrity.write_manifest(step_dir),
            "verify_files_s": lambda: integrity.verify_files(step_dir)}
-  out = {}
-  for name, fn in parts.items():
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - t0)
-    out[name] = statistics.median(times)
-  return out
+  return {name: statistics.median(timed(fn)[0] for _ in range(repeats)) for name, fn in parts.items()}
 
 
 def main(argv=None) -> dict:
@@ -70,34 +71,35 @@ def main(argv=None) -> dict:
   ap.add_argument("--dir", default="/tmp/hvaeood_ckpt_bench")
   args = ap.parse_args(argv)
   from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
+  from hvaeood import state as state_lib  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   config = throughput.load_config(args.config)
   config.optim.ema_decay = args.ema_decay
   state = random_state(config)
+  abstract = state_lib.abstract_train_state(config)
   nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
   result = {"config": args.config, "ema": args.ema_decay > 0, "state_gb": nbytes / 1e9,
             "leaves": len(jax.tree_util.tree_leaves(state))}
   shutil.rmtree(args.dir, ignore_errors=True)
-  meta = {"format_version": ckpt.FORMAT_VERSION, "config": "{}", "step": 0}
-  with_checks, bare, step = [], [], 0
-  for _ in range(args.repeats):
-    step += 1
-    m = ckpt.make_manager(os.path.join(args.dir, "checked"), keep=1)
-    t0 = time.perf_counter()
-    ckpt.save(m, step, state, dict(meta, step=step))
-    m.wait_until_finished()
-    with_checks.append(time.perf_counter() - t0)
-    m = ckpt.make_manager(os.path.join(args.dir, "bare"), keep=1)
-    t0 = time.perf_counter()
-    m.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-           force=True)
-    m.wait_until_finished()
-    bare.append(time.perf_counter() - t0)
-  result["save_with_integrity_s"] = statistics.median(with_checks)
-  result["save_orbax_only_s"] = statistics.median(bare)
-  # The save already ran the checksum's computation once (compiled), so these time the work, not compiling it.
-  result.update(integrity_parts(state, os.path.join(args.dir, "checked", str(step)), args.repeats))
+  meta = {"config": "{}", "step": 0}
+  ours, tree = os.path.join(args.dir, "ours"), os.path.join(args.dir, "tree")
+  times: dict = {k: [] for k in ("save", "save_tree_orbax_only", "restore", "restore_tree_orbax_only")}
+  for step in range(1, args.repeats + 1):
+    m = ckpt.make_manager(ours, keep=1)
+    times["save"].append(timed(lambda: ckpt.save(m, step, state, dict(meta, step=step))))
+    times["restore"].append(timed(lambda: jax.block_until_ready(ckpt.restore(m, step, abstract)[0])))
+    m = ckpt.make_manager(tree, keep=1)
+    tree_save = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    tree_restore = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    times["save_tree_orbax_only"].append(timed(lambda: m.save(step, args=tree_save, force=True)))
+    times["restore_tree_orbax_only"].append(
+        timed(lambda: jax.block_until_ready(m.restore(step, args=tree_restore)["state"])))
+  for name, pairs in times.items():
+    result[f"{name}_s"] = statistics.median(w for w, _ in pairs)
+    result[f"{name}_cpu_s"] = statistics.median(c for _, c in pairs)
+  packed, _ = ckpt.pack_state(state)
+  result.update(integrity_parts(packed, os.path.join(ours, str(args.repeats)), args.repeats))
   shutil.rmtree(args.dir, ignore_errors=True)
   print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
   return result

@@ -2,11 +2,12 @@
 
 Every checkpoint carries two checksums. The file manifest (`hvaeood_files.json` in the step directory: size and
 CRC-32 of every file, written after orbax's commit) is checked before orbax reads anything, so truncated or
-garbled files get a clear message instead of a failed read. The state checksum (`state_checksum` in the meta
-item) is computed on the devices, where the arrays are, and checked after a restore: it catches garbling the
-manifest cannot see (a checkpoint killed between orbax's commit and the manifest has none). Neither is meant to
-resist tampering, only corruption: a CRC-32 detects every burst error up to 32 bits, and the state checksum every
-single-bit flip. Checkpoints of earlier versions (SHA-256 manifests, `state_sha256`) are verified as written.
+garbled files get a clear message instead of a failed read. The state checksum (`state_crc32` in the meta
+item: a CRC-32 of each packed array, computed on the host where `checkpoints.pack_state` puts them) is checked
+after a restore: it catches garbling the manifest cannot see (a checkpoint killed between orbax's commit and the
+manifest has none). Neither is meant to resist tampering, only corruption: a CRC-32 detects every burst error up
+to 32 bits. Checkpoints of earlier versions are verified as written: format 1's `state_checksum` (position-
+weighted sums of each leaf's bits, on the devices), SHA-256 manifests and `state_sha256`.
 
 A kill -9 needs neither: orbax writes each step into a temporary directory and renames it when complete, so a
 killed save leaves no directory that looks finished.
@@ -150,7 +151,7 @@ def state_checksum(state: Any) -> str:
   return h.hexdigest()
 
 
-def _host_value(x) -> Optional[np.ndarray]:
+def host_value(x) -> Optional[np.ndarray]:
   if isinstance(x, jax.Array):
     if x.is_fully_addressable:
       return np.asarray(x)
@@ -164,7 +165,7 @@ def _legacy_sha256(state: Any) -> Optional[str]:
   """The first format's checksum (`state_sha256`): SHA-256 over the leaves' bytes on the host."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    value = _host_value(leaf)
+    value = host_value(leaf)
     if value is None:
       return None
     value = np.ascontiguousarray(value)
@@ -173,11 +174,20 @@ def _legacy_sha256(state: Any) -> Optional[str]:
   return h.hexdigest()
 
 
+def packed_crc32(packed: dict) -> dict:
+  """{dtype: CRC-32 (hex) of the bytes of each packed array} (checkpoint format 2: one numpy array per dtype)."""
+  return {dtype: f"{zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)):08x}"
+          for dtype, x in packed.items()}
+
+
 def check_state(state: Any, meta: dict) -> None:
-  """Verifies restored arrays against the checksum saved with them (either format); no checksum: nothing to do."""
+  """Verifies restored arrays (format 2: the packed arrays) against the checksum saved with them (any format);
+  no checksum: nothing to do."""
   if not isinstance(meta, dict):
     return
-  if meta.get("state_checksum") is not None:
+  if meta.get("state_crc32") is not None:
+    ok = packed_crc32(state) == meta["state_crc32"]
+  elif meta.get("state_checksum") is not None:
     ok = state_checksum(state) == meta["state_checksum"]
   elif meta.get("state_sha256") is not None:
     got = _legacy_sha256(state)
@@ -192,7 +202,8 @@ def check_state(state: Any, meta: dict) -> None:
 # Shapes and values
 
 
-def _dotted(path) -> str:
+def leaf_name(path) -> str:
+  """A leaf's tree path as orbax names its arrays: keys, attribute names and indices joined by dots."""
   parts = []
   for k in path:
     for attr in ("name", "key", "idx"):
@@ -204,26 +215,12 @@ def _dotted(path) -> str:
   return ".".join(parts)
 
 
-def check_shapes(step_dir: str, abstract_state: Any) -> None:
-  """Compares the stored arrays' names and shapes (orbax metadata, no data read) with `abstract_state`.
-
-  A mismatch means the checkpoint belongs to another model (a changed config, or code that builds the model
-  differently); it is reported here, naming the first differing array, before orbax starts reading.
+def compare_shapes(stored: dict, wanted: dict) -> None:
+  """Compares a checkpoint's arrays ({name: shape}) with the ones a config builds, in `wanted`'s order.
 
   Raises:
-    CheckpointMismatchError: an array with another shape, or an array missing on either side.
+    CheckpointMismatchError: naming the first array with another shape, or missing on either side.
   """
-  try:
-    md = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
-    tree = getattr(md, "item_metadata", md)
-    tree = getattr(tree, "tree", tree)
-    stored = {leaf.name: tuple(leaf.shape) for _, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-              if hasattr(leaf, "shape") and hasattr(leaf, "name")}
-  except Exception:  # pylint: disable=broad-except
-    return  # unreadable metadata: the restore itself reports the problem
-  wanted = {_dotted(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-  if not stored or not set(stored) & set(wanted):
-    return  # names in a layout we do not know: leave the check to orbax
   for name, shape in wanted.items():  # tree order: parameters before optimiser state
     if name in stored and stored[name] != shape:
       raise CheckpointMismatchError(f"array {name} is stored with shape {stored[name]} but the config builds "
@@ -236,6 +233,27 @@ def check_shapes(step_dir: str, abstract_state: Any) -> None:
   if extra:
     raise CheckpointMismatchError(f"the checkpoint holds array {extra[0]}, which the config does not build"
                                   + (f" ({len(extra)} such arrays)" if len(extra) > 1 else ""))
+
+
+def check_shapes(step_dir: str, abstract_state: Any) -> None:
+  """Format 1 checkpoints (the state item as a tree): compares the stored arrays' names and shapes (orbax
+  metadata, no data read) with `abstract_state`, before orbax starts reading (see `compare_shapes`).
+
+  A mismatch means the checkpoint belongs to another model (a changed config, or code that builds the model
+  differently).
+  """
+  try:
+    md = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+    tree = getattr(md, "item_metadata", md)
+    tree = getattr(tree, "tree", tree)
+    stored = {leaf.name: tuple(leaf.shape) for _, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if hasattr(leaf, "shape") and hasattr(leaf, "name")}
+  except Exception:  # pylint: disable=broad-except
+    return  # unreadable metadata: the restore itself reports the problem
+  wanted = {leaf_name(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  if not stored or not set(stored) & set(wanted):
+    return  # names in a layout we do not know: leave the check to orbax
+  compare_shapes(stored, wanted)
 
 
 def check_finite(state: Any) -> None:

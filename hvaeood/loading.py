@@ -99,9 +99,10 @@ def load_for_eval(path: str, which: Optional[str] = None, use_ema: bool = True) 
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"Checkpoint {directory}/{step} is unreadable ({type(e).__name__}); it may be "
                           f"truncated or corrupted. {hint}") from e
-  if meta.get("format_version") != ckpt.FORMAT_VERSION:
+  if meta.get("format_version") not in ckpt.READABLE_FORMATS:
     raise CheckpointError(f"Checkpoint {directory}/{step} has format version {meta.get('format_version')} but "
-                          f"this code reads version {ckpt.FORMAT_VERSION}.")
+                          f"this code reads versions {', '.join(map(str, ckpt.READABLE_FORMATS))}: evaluate it "
+                          "with the version of hvaeood that wrote it.")
   config = ml_collections.ConfigDict(json.loads(meta["config"]))
   try:
     abstract = state_lib.abstract_train_state(config)

@@ -223,8 +223,8 @@ class _Run:
   stop_reason: str = "completed"
 
   def meta(self, step: int) -> dict:
-    return {"format_version": ckpt.FORMAT_VERSION, "config": _config_json(self.config), "step": int(step),
-            "train_seconds": self.elapsed, "best_eval_elbo": self.best_elbo, "steps_per_epoch": self.steps_per_epoch}
+    return {"config": _config_json(self.config), "step": int(step), "train_seconds": self.elapsed,
+            "best_eval_elbo": self.best_elbo, "steps_per_epoch": self.steps_per_epoch}
 
   def save(self, manager=None) -> None:
     ckpt.save(manager or self.manager, self.step, self.state, self.meta(self.step))

@@ -361,10 +361,12 @@ def load_state(workdir, step: int, sub: str = "checkpoints", verify: bool = True
   if verify:
     meta = ckpt.restore_meta(manager, step)
     state, meta = ckpt.restore(manager, step, _abstract_state(_model_key(meta["config"])))
-  else:  # what orbax alone returns, without the checksums
+  else:  # what orbax alone returns (unpacked), without the checksums
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     abstract = _abstract_state(_model_key(meta["config"]))
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    packed = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(ckpt.abstract_packed(meta["layout"]))))["state"]
+    state = ckpt.unpack_state(packed, meta["layout"], abstract)
   return state_to_host(state), meta
 
 
