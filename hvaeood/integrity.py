@@ -1,13 +1,14 @@
 """Integrity of checkpoints: a file manifest, a checksum of the arrays, a shape pre-check and a finiteness check.
 
 Every checkpoint carries two checksums. The file manifest (`hvaeood_files.json` in the step directory: size and
-CRC-32 of every file, written after orbax's commit) is checked before orbax reads anything, so truncated or
-garbled files get a clear message instead of a failed read. The state checksum (`state_crc32` in the meta
-item: a CRC-32 of each packed array, computed on the host where `checkpoints.pack_state` puts them) is checked
-after a restore: it catches garbling the manifest cannot see (a checkpoint killed between orbax's commit and the
-manifest has none). Neither is meant to resist tampering, only corruption: a CRC-32 detects every burst error up
-to 32 bits. Checkpoints of earlier versions are verified as written: format 1's `state_checksum` (position-
-weighted sums of each leaf's bits, on the devices), SHA-256 manifests and `state_sha256`.
+CRC-32 of every file, written after orbax's commit) is checked before orbax reads anything, so truncated or garbled
+files get a clear message instead of a failed read. The state checksums in the meta item (a CRC-32 of each packed
+array, computed on the host where `checkpoints.pack_state` puts them, and position-weighted sums of the bits of each
+array stored on its own, computed on its devices) are checked after a restore: they catch garbling the manifest
+cannot see (a checkpoint killed between orbax's commit and the manifest has none). Neither is meant to resist
+tampering, only corruption: a CRC-32 detects every burst error up to 32 bits, the sums every single-bit flip.
+Checkpoints of earlier versions are verified as written (format 1's `state_checksum` over every leaf, SHA-256
+manifests, `state_sha256`).
 
 A kill -9 needs neither: orbax writes each step into a temporary directory and renames it when complete, so a
 killed save leaves no directory that looks finished.
@@ -180,14 +181,25 @@ def packed_crc32(packed: dict) -> dict:
           for dtype, x in packed.items()}
 
 
+def item_checksums(item: dict) -> dict:
+  """The meta entries that checksum a format 2 state item: `state_crc32` of the packed arrays (on the host, where
+  they are) and `state_checksum` of the arrays stored on their own (on their devices, as `state_checksum`)."""
+  return {"state_crc32": packed_crc32(item.get("packed", {})),
+          "state_checksum": state_checksum(item["own"]) if item.get("own") else None}
+
+
+def check_item(item: dict, meta: dict) -> None:
+  """Verifies a restored format 2 state item against the checksums saved with it (`item_checksums`)."""
+  if item_checksums(item) != {"state_crc32": meta.get("state_crc32"), "state_checksum": meta.get("state_checksum")}:
+    raise CheckpointError("its arrays do not match the checksum saved with them (corrupted or truncated files)")
+
+
 def check_state(state: Any, meta: dict) -> None:
-  """Verifies restored arrays (format 2: the packed arrays) against the checksum saved with them (any format);
-  no checksum: nothing to do."""
+  """Verifies restored arrays of a format 1 checkpoint (the state's tree) against the checksum saved with them
+  (either of its checksums); no checksum: nothing to do."""
   if not isinstance(meta, dict):
     return
-  if meta.get("state_crc32") is not None:
-    ok = packed_crc32(state) == meta["state_crc32"]
-  elif meta.get("state_checksum") is not None:
+  if meta.get("state_checksum") is not None:
     ok = state_checksum(state) == meta["state_checksum"]
   elif meta.get("state_sha256") is not None:
     got = _legacy_sha256(state)

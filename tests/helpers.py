@@ -355,18 +355,11 @@ def _abstract_state(config_json: str):
 
 def load_state(workdir, step: int, sub: str = "checkpoints", verify: bool = True):
   """(TrainState as numpy, meta) of checkpoint `step` of a workdir (checksum-verified unless `verify` is off)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   manager = ckpt.make_manager(os.path.join(str(workdir), sub), keep=10**6, read_only=True)
-  if verify:
-    meta = ckpt.restore_meta(manager, step)
-    state, meta = ckpt.restore(manager, step, _abstract_state(_model_key(meta["config"])))
-  else:  # what orbax alone returns (unpacked), without the checksums
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    abstract = _abstract_state(_model_key(meta["config"]))
-    packed = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(ckpt.abstract_packed(meta["layout"]))))["state"]
-    state = ckpt.unpack_state(packed, meta["layout"], abstract)
+  meta = ckpt.restore_meta(manager, step) if verify else ckpt.read_meta(manager, step)
+  # verify=False: what orbax alone returns (unpacked), without the manifest and the checksums
+  state, meta = ckpt.restore(manager, step, _abstract_state(_model_key(meta["config"])), verify=verify)
   return state_to_host(state), meta
 
 

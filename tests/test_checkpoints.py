@@ -61,34 +61,49 @@ def assert_bitwise_equal(got, want):
     np.testing.assert_array_equal(g.reshape(-1).view(np.uint8), w.reshape(-1).view(np.uint8))
 
 
-def test_pack_concatenates_each_dtype_in_tree_order_and_unpack_inverts_it():
+@pytest.fixture(params=["all-packed", "some-own"])
+def own_bytes(request, monkeypatch):
+  """OWN_ARRAY_BYTES as shipped (every leaf of these trees is packed), or 64 bytes (the larger leaves are stored
+  as arrays of their own)."""
+  if request.param == "some-own":
+    monkeypatch.setattr(ckpt, "OWN_ARRAY_BYTES", 64)
+  return ckpt.OWN_ARRAY_BYTES
+
+
+def test_pack_concatenates_each_dtype_in_tree_order_and_unpack_inverts_it(own_bytes):
   tree = random_tree(1)
-  packed, layout = ckpt.pack_state(on_device(tree))
-  # Independently: numpy's ravel + concatenate over the leaves of each dtype, in jax's tree order.
+  item, layout, own = ckpt.pack_state(on_device(tree))
   leaves = jax.tree_util.tree_leaves(tree)
-  dtypes = sorted({np.asarray(x).dtype.name for x in leaves if np.size(x)})  # int16 has no element
-  assert sorted(packed) == dtypes
+  # Independently: which leaves are large, then numpy's ravel + concatenate over the others of each dtype.
+  big = [i for i, x in enumerate(leaves) if np.asarray(x).nbytes >= own_bytes]
+  assert own == big and (own_bytes > 1000 or len(big) == 2)
+  small = [np.asarray(x) for i, x in enumerate(leaves) if i not in big]
+  dtypes = sorted({x.dtype.name for x in small if x.size})  # int16 has no element
+  assert sorted(item.get("packed", {})) == dtypes
   for name in dtypes:
-    want = np.concatenate([np.ravel(x) for x in leaves if np.asarray(x).dtype.name == name])
-    np.testing.assert_array_equal(np.asarray(packed[name]), want)
+    want = np.concatenate([np.ravel(x) for x in small if x.dtype.name == name])
+    np.testing.assert_array_equal(np.asarray(item["packed"][name]), want)
+  assert sorted(item.get("own", {})) == sorted(str(i) for i in big)
+  for i in big:
+    np.testing.assert_array_equal(np.asarray(item["own"][str(i)]), np.asarray(leaves[i]))
   assert [shape for _, _, shape in layout] == [list(np.shape(x)) for x in leaves]
   assert len({name for name, _, _ in layout}) == len(leaves)  # names are unique
-  assert_bitwise_equal(ckpt.unpack_state(packed, layout, abstract(tree)), tree)
+  assert_bitwise_equal(ckpt.unpack_state(item, layout, own, abstract(tree)), tree)
 
 
 def test_unpack_casts_to_the_wanted_dtype():
   tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32(-2.5)}
-  packed, layout = ckpt.pack_state(on_device(tree))
+  item, layout, own = ckpt.pack_state(on_device(tree))
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   # b wanted as bfloat16 (as orbax casts to the abstract dtype on restore).
   wanted = {"b": jax.ShapeDtypeStruct((), jnp.bfloat16, sharding=sharding),
             "a": jax.ShapeDtypeStruct((2, 3), jnp.float32, sharding=sharding)}
-  got = ckpt.unpack_state(packed, layout, wanted)
+  got = ckpt.unpack_state(item, layout, own, wanted)
   assert got["b"].dtype == jnp.bfloat16 and float(got["b"]) == -2.5
   np.testing.assert_array_equal(np.asarray(got["a"]), tree["a"])
 
 
-def test_save_restore_round_trip_is_bitwise_with_one_stored_array_per_dtype(tmp_path):
+def test_save_restore_round_trip_is_bitwise_with_one_stored_array_per_dtype(tmp_path, own_bytes):
   tree = random_tree(2)
   manager = ckpt.make_manager(str(tmp_path / "ckpts"), keep=3)
   ckpt.save(manager, 7, on_device(tree), {"config": "{}", "step": 7})
@@ -98,8 +113,10 @@ def test_save_restore_round_trip_is_bitwise_with_one_stored_array_per_dtype(tmp_
   assert meta["format_version"] == ckpt.FORMAT_VERSION == 2 and meta["step"] == 7
   stored = ocp.StandardCheckpointer().metadata(str(tmp_path / "ckpts" / "7" / "state"))
   stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
-  dtypes = {np.asarray(x).dtype.name for x in jax.tree_util.tree_leaves(tree) if np.size(x)}
-  assert sorted(stored) == sorted(dtypes)
+  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+  small = [x for x in leaves if x.nbytes < own_bytes]
+  assert sorted(stored.get("packed", {})) == sorted({x.dtype.name for x in small if x.size})
+  assert len(stored.get("own", {})) == len(leaves) - len(small) == len(meta["own_arrays"])
   assert integrity.verify_files(str(tmp_path / "ckpts" / "7"))
 
 
@@ -123,7 +140,7 @@ def test_format_1_checkpoints_still_restore(tmp_path):
     ("missing", r"the config builds array params\.extra, which the checkpoint does not hold"),
     ("extra", r"the checkpoint holds array params\.dense\.w, which the config does not build"),
 ])
-def test_a_checkpoint_of_another_model_is_refused_naming_the_array(tmp_path, change, message):
+def test_a_checkpoint_of_another_model_is_refused_naming_the_array(tmp_path, change, message, own_bytes):
   tree = random_tree(4)
   manager = ckpt.make_manager(str(tmp_path / "ckpts"), keep=3)
   ckpt.save(manager, 1, on_device(tree), {"step": 1})
@@ -144,10 +161,17 @@ def _data_files(step_dir):
   return sorted(out, key=os.path.getsize, reverse=True)
 
 
-def test_garbled_packed_data_is_refused_by_the_manifest_and_without_it_by_the_checksum(tmp_path):
-  tree = random_tree(5, scale=64)  # float32 data large enough that a flip in the file's middle hits it
+@pytest.mark.parametrize("where", ["packed", "own"])
+def test_garbled_data_is_refused_by_the_manifest_and_without_it_by_the_checksums(tmp_path, monkeypatch, where):
+  """Flip bits in the middle of the stored data (the packed float32 array, or with every leaf of 4 KiB or more
+  stored on its own, one of those): refused by the file manifest, and without it by the meta item's checksums."""
+  tree = random_tree(5, scale=64)  # the conv kernel: 3 x 3 x 2 x 256 float32 = 18 KiB
+  if where == "own":
+    monkeypatch.setattr(ckpt, "OWN_ARRAY_BYTES", 4096)
   manager = ckpt.make_manager(str(tmp_path / "ckpts"), keep=3)
   ckpt.save(manager, 3, on_device(tree), {"step": 3})
+  meta = ckpt.read_meta(manager, 3)
+  assert bool(meta["own_arrays"]) == (where == "own")
   step_dir = str(tmp_path / "ckpts" / "3")
   path = _data_files(step_dir)[0]
   data = bytearray(open(path, "rb").read())
@@ -158,6 +182,9 @@ def test_garbled_packed_data_is_refused_by_the_manifest_and_without_it_by_the_ch
   with pytest.raises(CheckpointError, match="does not match its checksum"):
     ckpt.restore(manager, 3, abstract(tree))
   os.remove(os.path.join(step_dir, ckpt.FILES_MANIFEST))
+  garbled, _ = ckpt.restore(manager, 3, abstract(tree), verify=False)  # what orbax alone returns
+  assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree_util.tree_leaves(garbled),
+                                                                   jax.tree_util.tree_leaves(tree)))
   with pytest.raises(CheckpointError, match="arrays do not match the checksum"):
     ckpt.restore(manager, 3, abstract(tree))
 
