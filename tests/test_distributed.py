@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import helpers as H
+from hvaeood import checkpoints as ckpt
 from hvaeood import devices as hdev
 from hvaeood import loading
 from hvaeood import state as state_lib
@@ -193,6 +194,9 @@ def test_two_process_run_trains_and_checkpoints(tfds_data_dir, tmp_path):
   losses = [r['train_loss'] for r in rows]
   np.testing.assert_allclose(losses[0], replica_losses[0], rtol=1e-5)
   np.testing.assert_allclose(losses, replica_losses, rtol=2e-3)
+  # Both storage paths of the checkpoint format were written by the two processes (distributed_process.py).
+  meta = ckpt.read_meta(ckpt.make_manager(str(workdir / 'checkpoints'), keep=1000, read_only=True), num_steps)
+  assert 0 < len(meta['own_arrays']) < len(meta['layout']), (len(meta['own_arrays']), len(meta['layout']))
   loaded = loading.load_for_eval(str(workdir))
   assert loaded.step == num_steps
   # After 4 Adam steps the same amplified rounding differences as the losses above (tight agreement of one
@@ -318,7 +322,6 @@ def test_two_processes_sigterm_to_one_and_timed_checkpoints_stay_in_step(tfds_da
   original = {r['step']: r for r in H.train_rows(workdir)}
   for r in resumed:
     assert r['train_loss'] == original[r['step']]['train_loss'], r['step']
-  from hvaeood import checkpoints as ckpt  # pylint: disable=import-outside-toplevel
   config = H.tiny_config(tfds_data_dir)
   abstract = state_lib.abstract_train_state(config)
   states = []
