@@ -155,7 +155,7 @@ def abstract_item(layout: list, own: list, abstract_state: Any) -> dict:
   return item
 
 
-def unpack_state(item: dict, layout: list, own: list, abstract_state: Any) -> Any:
+def unpack_state(item: dict, layout: list, abstract_state: Any) -> Any:
   """The inverse of `pack_state`: the leaves of `abstract_state` (matched by name, cast to its dtypes, placed
   with its shardings), cut out of the packed numpy arrays or taken from the own arrays.
 
@@ -166,6 +166,11 @@ def unpack_state(item: dict, layout: list, own: list, abstract_state: Any) -> An
     CheckpointMismatchError: the layout and `abstract_state` differ in an array's shape or in the set of arrays.
   """
   _check_layout(layout, abstract_state)
+  return _unpack_checked(item, layout, abstract_state)
+
+
+def _unpack_checked(item: dict, layout: list, abstract_state: Any) -> Any:
+  """`unpack_state` of a layout already checked against `abstract_state`."""
   host = {dtype: np.asarray(x).reshape(-1) for dtype, x in item.get("packed", {}).items()}
   own_arrays = item.get("own", {})
   where, position = {}, {}
@@ -256,7 +261,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, veri
           state=ocp.args.StandardRestore(abstract_item(layout, own, abstract_state))))["state"]
     if verify:
       integrity.check_item(item, meta)
-    return unpack_state(item, layout, own, abstract_state), meta
+    return _unpack_checked(item, layout, abstract_state), meta
   # Format 1: the state item is the TrainState's tree.
   if verify:
     integrity.check_shapes(step_dir, abstract_state)

@@ -88,7 +88,7 @@ def test_pack_concatenates_each_dtype_in_tree_order_and_unpack_inverts_it(own_by
     np.testing.assert_array_equal(np.asarray(item["own"][str(i)]), np.asarray(leaves[i]))
   assert [shape for _, _, shape in layout] == [list(np.shape(x)) for x in leaves]
   assert len({name for name, _, _ in layout}) == len(leaves)  # names are unique
-  assert_bitwise_equal(ckpt.unpack_state(item, layout, own, abstract(tree)), tree)
+  assert_bitwise_equal(ckpt.unpack_state(item, layout, abstract(tree)), tree)
 
 
 def test_unpack_casts_to_the_wanted_dtype():
@@ -98,7 +98,7 @@ def test_unpack_casts_to_the_wanted_dtype():
   # b wanted as bfloat16 (as orbax casts to the abstract dtype on restore).
   wanted = {"b": jax.ShapeDtypeStruct((), jnp.bfloat16, sharding=sharding),
             "a": jax.ShapeDtypeStruct((2, 3), jnp.float32, sharding=sharding)}
-  got = ckpt.unpack_state(item, layout, own, wanted)
+  got = ckpt.unpack_state(item, layout, wanted)
   assert got["b"].dtype == jnp.bfloat16 and float(got["b"]) == -2.5
   np.testing.assert_array_equal(np.asarray(got["a"]), tree["a"])
 
