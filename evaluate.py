@@ -80,4 +80,5 @@ if __name__ == "__main__":
   hvaeood.set_xla_cpu_defaults()  # before JAX starts its CPU backend
   from hvaeood import cli as _cli  # pylint: disable=g-import-not-at-top
   _cli.quiet_library_logs()
+  _cli.tensorflow_without_keras()  # before anything imports TensorFlow
   app.run(main, flags_parser=_cli.flags_parser)

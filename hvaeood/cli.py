@@ -228,6 +228,33 @@ class _LibraryNoiseFilter(logging.Filter):
 UNCACHEABLE_ONEDNN_WARNING = r"Error writing persistent compilation cache entry for .*std::bad_alloc"
 
 
+def tensorflow_without_keras(environ=None) -> bool:
+  """Lets `import tensorflow` skip its eager import of Keras, which the launchers never use.
+
+  TensorFlow serves the launchers only for tf.data (the tfds pipelines) and TensorBoard summaries (CLU's metric
+  writer), yet `import tensorflow` imports Keras 3's optimizers eagerly, and with them most of Keras and
+  scikit-learn: about 3 of the 8-9 CPU seconds the import takes (benchmarks/README.md, "Issue 14, eleventh
+  session"). TensorFlow skips that import when `TF_USE_LEGACY_KERAS=1` and the legacy `tf_keras` package is not
+  installed, and then fails only where `tf.keras` is used. So this sets `TF_USE_LEGACY_KERAS=1` unless the
+  environment already sets it, `tf_keras` is installed or TensorFlow is already imported. A launcher's choice,
+  like `hvaeood.set_xla_cpu_defaults()`: call it before anything imports TensorFlow.
+
+  Args:
+    environ: the environment to change (default `os.environ`).
+
+  Returns:
+    Whether the variable was set.
+  """
+  environ = os.environ if environ is None else environ
+  if "TF_USE_LEGACY_KERAS" in environ or "tensorflow" in sys.modules:
+    return False
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("tf_keras") is not None:
+    return False  # TensorFlow would import the legacy Keras instead: no saving, and tf.keras would change
+  environ["TF_USE_LEGACY_KERAS"] = "1"
+  return True
+
+
 def quiet_library_logs() -> None:
   """INFO logging for the run's own progress lines, without the per-file chatter of orbax and tfds (the launchers
   call it; it imports no TensorFlow, so a user error is reported before TensorFlow loads)."""

@@ -124,3 +124,29 @@ def test_only_the_input_modules_and_the_metric_writers_start_tensorflow():
   code = "; ".join(f"import hvaeood.{m}" for m in lazy) + "; import sys; print('tensorflow' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
   assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate.py's TensorFlow without Keras (`cli.tensorflow_without_keras`)
+
+
+def test_tensorflow_without_keras_keeps_tf_data_and_leaves_keras_out():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("tf_keras") is not None:
+    pytest.skip("tf_keras is installed: TensorFlow would import it instead, so the launcher leaves Keras alone")
+  env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+  code = ("import os, sys; from hvaeood import cli; s = cli.tensorflow_without_keras(); import tensorflow as tf; "
+          "print(repr((s, os.environ.get('TF_USE_LEGACY_KERAS'), 'keras' in sys.modules, 'sklearn' in sys.modules, "
+          "int(tf.data.Dataset.range(5).map(lambda v: v * v).reduce(tf.constant(0, tf.int64), lambda a, b: a + b)))))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  assert eval(out.stdout.strip().splitlines()[-1]) == (True, "1", False, False, 30)  # pylint: disable=eval-used
+
+
+def test_tensorflow_without_keras_respects_the_user_and_an_imported_tensorflow(monkeypatch):
+  from hvaeood import cli  # pylint: disable=import-outside-toplevel
+  for value in ("0", "1"):
+    environ = {"TF_USE_LEGACY_KERAS": value}
+    assert not cli.tensorflow_without_keras(environ) and environ == {"TF_USE_LEGACY_KERAS": value}
+  monkeypatch.setitem(sys.modules, "tensorflow", object())  # already imported: too late to change anything
+  environ = {}
+  assert not cli.tensorflow_without_keras(environ) and environ == {}
