@@ -20,10 +20,12 @@ the decoder's transposed-conv scales g and the initial ELBO measurably).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import flax.linen as nn
 import jax
@@ -39,14 +41,76 @@ _WN_EPS = 1e-8
 _MIN_INIT_VAR = 1e-10
 
 
+# Where `kaiming_normal` takes its standard normal values from inside `one_draw`: a function of (shape, dtype).
+_DRAW: contextvars.ContextVar = contextvars.ContextVar("hvaeood_kaiming_draw", default=None)
+T = TypeVar("T")
+
+
 def kaiming_normal(fan_in_axes: Sequence[int]) -> Callable[..., Array]:
-  """He-normal init (ReLU gain, fan-in mode) with the fan-in taken over `fan_in_axes`."""
+  """He-normal init (ReLU gain, fan-in mode) with the fan-in taken over `fan_in_axes`.
+
+  Its standard normal values are `jax.random.normal(key, shape)` with flax's per-parameter key, or, inside
+  `one_draw`, the next slice of that function's single draw.
+  """
 
   def init(key, shape, dtype=jnp.float32):
     fan_in = math.prod(shape[a] for a in fan_in_axes)
-    return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_in)
+    draw = _DRAW.get()
+    z = jax.random.normal(key, shape, dtype) if draw is None else draw(tuple(shape), jnp.dtype(dtype))
+    return z * math.sqrt(2.0 / fan_in)
 
   return init
+
+
+@contextlib.contextmanager
+def _drawing(draw):
+  token = _DRAW.set(draw)
+  try:
+    yield
+  finally:
+    _DRAW.reset(token)
+
+
+def one_draw(init_fn: Callable[[], T], key: Array) -> T:
+  """`init_fn()` (a model's init) with all its `kaiming_normal` values cut from ONE `jax.random.normal(key, [n])`.
+
+  Flax draws every parameter with a key of its own, derived from the init key by `fold_in`s, and XLA compiles
+  each draw and each key's derivation as code of its own: about 11 of the tiny model's ~30 CPU seconds of init
+  compile (benchmarks/README.md, "Issue 14, eleventh session"), more for larger models. Here `init_fn` is traced
+  once with `jax.eval_shape` (no computation) to list the shapes of its draws in the order it makes them; then
+  one normal draw of their total size is made (float32, cast to each draw's dtype), and the real `init_fn()` gets
+  consecutive slices of it, in that order. The values are i.i.d. standard normal as before (each `v` is still
+  He-normal, and different `v` get disjoint slices), but not flax's: the key decides them all, and a parameter's
+  values depend on its place in the creation order. `init_fn` must make the same draws each time (a model's init
+  does); one that does not raises a RuntimeError.
+  """
+  shapes: list = []
+
+  def record(shape, dtype):
+    shapes.append((shape, dtype))
+    return jnp.zeros(shape, dtype)
+
+  with _drawing(record):
+    jax.eval_shape(init_fn)
+  sizes = [math.prod(shape) for shape, _ in shapes]
+  flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+  served = 0
+
+  def replay(shape, dtype):
+    nonlocal served
+    if served >= len(shapes) or shapes[served] != (shape, dtype):
+      raise RuntimeError(f"one_draw: draw {served} of init_fn ({shape}, {dtype}) is not the one its trace made; "
+                         "init_fn must make the same draws each time")
+    start, size = offsets[served], sizes[served]
+    served += 1
+    return flat[start:start + size].reshape(shape).astype(dtype)
+
+  with _drawing(replay):
+    out = init_fn()
+  if served != len(shapes):
+    raise RuntimeError(f"one_draw: init_fn made {served} draws, its trace {len(shapes)}")
+  return out
 
 
 def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:

@@ -9,10 +9,12 @@ import math
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
@@ -426,3 +428,92 @@ def test_resblock_aux_ops(aux_shape, aux_k, aux_s, transpose):
   want = _np_sub(params, "conv2", _relu(y)) + x
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
   assert np.max(np.abs(other - got)) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one normal draw for every v (`layers.one_draw`, what `models.init_params` runs)
+
+
+class _Stack(nn.Module):
+  """Weight-normed layers whose v shapes repeat (two 3x3 8->8 convs, two 6->8 dense) and differ."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jax.nn.relu(WNConv(8, 5)(x))
+    h = jax.nn.relu(WNConv(8, 3)(h))
+    h = jax.nn.relu(WNConv(8, 3, stride=2)(h))
+    h = h.mean(axis=(1, 2))
+    h = jnp.concatenate([WNDense(8)(h[:, :6]), WNDense(8)(h[:, 2:])], axis=-1)
+    return WNDense(8)(h[:, 4:12])
+
+
+# The v of _Stack in the order its layers are created, and each one's fan-in.
+_STACK_V = [("WNConv_0", (5, 5, 3, 8), 75), ("WNConv_1", (3, 3, 8, 8), 72), ("WNConv_2", (3, 3, 8, 8), 72),
+            ("WNDense_0", (6, 8), 6), ("WNDense_1", (6, 8), 6), ("WNDense_2", (8, 8), 8)]
+
+
+def _random_bits_eqns(jaxpr) -> int:
+  """How many random_bits operations (one per jax.random.normal call) a jaxpr holds, nested jaxprs included."""
+  def subs(value):
+    if hasattr(value, "eqns"):
+      yield value
+    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+      yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+      for v in value:
+        yield from subs(v)
+
+  return sum((eqn.primitive.name == "random_bits") + sum(_random_bits_eqns(j) for v in eqn.params.values()
+                                                         for j in subs(v)) for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("partitionable", [False, True])
+def test_one_draw_cuts_every_v_from_one_normal_draw_in_creation_order(partitionable):
+  x = jnp.asarray(_randn(3, (4, 9, 9, 3)), jnp.float32)
+  key = jax.random.PRNGKey(7)
+  init = lambda b, k: layers.one_draw(lambda: _Stack().init({"params": k}, b), k)["params"]  # noqa: E731
+  with jax.threefry_partitionable(partitionable):
+    params = jax.jit(init)(x, key)
+    total = sum(math.prod(shape) for _, shape, _ in _STACK_V)
+    want = np.asarray(jax.random.normal(key, (total,)), np.float64)
+    assert _random_bits_eqns(jax.make_jaxpr(init)(x, key).jaxpr) == 1
+    assert _random_bits_eqns(jax.make_jaxpr(lambda b, k: _Stack().init({"params": k}, b))(x, key).jaxpr) == 6
+  start = 0
+  for name, shape, fan_in in _STACK_V:
+    v = np.asarray(params[name]["v"], np.float64)
+    assert v.shape == shape, name
+    n = math.prod(shape)
+    np.testing.assert_allclose(v.ravel() / math.sqrt(2.0 / fan_in), want[start:start + n], rtol=1e-6, err_msg=name)
+    start += n
+  # Pooled, the standardised values are standard normal (KS), and no two layers share values.
+  z = np.concatenate([np.asarray(params[n]["v"]).ravel() / math.sqrt(2.0 / f) for n, _, f in _STACK_V])
+  assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+  assert len({np.asarray(params[n]["v"]).tobytes() for n, _, _ in _STACK_V}) == 6
+  # g and b come from those v: the last layer's outputs on the init batch have zero mean, unit unbiased variance.
+  y = np.asarray(_Stack().apply({"params": params}, x), np.float64)
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(y.var(0, ddof=1), 1.0, rtol=1e-4)
+  # Another key, other values.
+  other = jax.jit(init)(x, jax.random.PRNGKey(8))
+  assert not np.allclose(np.asarray(other["WNConv_0"]["v"]), np.asarray(params["WNConv_0"]["v"]))
+
+
+def _drawing_init(shapes_per_run):
+  """An init_fn whose n-th run draws He-normal arrays of shapes_per_run[n] (run 0: the shape trace)."""
+  runs = []
+
+  def init_fn():
+    runs.append(None)
+    shapes = shapes_per_run[len(runs) - 1]
+    return [layers.kaiming_normal((0,))(jax.random.PRNGKey(i), s) for i, s in enumerate(shapes)]
+  return init_fn
+
+
+def test_one_draw_refuses_an_init_that_draws_differently_from_its_trace():
+  key = jax.random.PRNGKey(0)
+  with pytest.raises(RuntimeError, match=r"draw 1 of init_fn \(\(6,\), float32\) is not the one its trace made"):
+    layers.one_draw(_drawing_init([[(3, 4), (5,)], [(3, 4), (6,)]]), key)
+  with pytest.raises(RuntimeError, match="init_fn made 1 draws, its trace 2"):
+    layers.one_draw(_drawing_init([[(3, 4), (5,)], [(3, 4)]]), key)
+  with pytest.raises(RuntimeError, match=r"draw 2 of init_fn"):
+    layers.one_draw(_drawing_init([[(3, 4), (5,)], [(3, 4), (5,), (5,)]]), key)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from hvaeood import layers
 from hvaeood.models.biva import BIVA, biva_spec_from_config
 from hvaeood.models.blocks import Output
 from hvaeood.models.hvae import HVAE, HVAESpec, count_params, spec_from_config
@@ -30,10 +31,17 @@ def build_model(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]
 
 
 def init_params(model: nn.Module, rng: jax.Array, init_batch: jax.Array):
-  """Data-dependent initialisation on a real batch [B, H, W, C] (weight-norm g and b set from its stats)."""
+  """Data-dependent initialisation on a real batch [B, H, W, C] (weight-norm g and b set from its stats).
+
+  Every `v` is He-normal, cut from one normal draw of the params key (`layers.one_draw`: the init compiles
+  without a draw and a key derivation per parameter).
+  """
   param_rng, sample_rng = jax.random.split(rng)
-  variables = jax.jit(lambda b: model.init({"params": param_rng, "sample": sample_rng}, b, 0))(init_batch)
-  return variables["params"]
+
+  def init(b):
+    return layers.one_draw(lambda: model.init({"params": param_rng, "sample": sample_rng}, b, 0), param_rng)
+
+  return jax.jit(init)(init_batch)["params"]
 
 
 __all__ = ["HVAE", "HVAESpec", "Output", "build_model", "count_params", "init_params", "spec_from_config"]
