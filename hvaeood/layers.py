@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -75,11 +76,11 @@ def one_draw(init_fn: Callable[[], T], key: Array) -> T:
   """`init_fn()` (a model's init) with all its `kaiming_normal` values cut from ONE `jax.random.normal(key, [n])`.
 
   Flax draws every parameter with a key of its own, derived from the init key by `fold_in`s, and XLA compiles
-  each draw and each key's derivation as code of its own: about 11 of the tiny model's ~30 CPU seconds of init
-  compile (benchmarks/README.md, "Issue 14, eleventh session"), more for larger models. Here `init_fn` is traced
-  once with `jax.eval_shape` (no computation) to list the shapes of its draws in the order it makes them; then
-  one normal draw of their total size is made (float32, cast to each draw's dtype), and the real `init_fn()` gets
-  consecutive slices of it, in that order. The values are i.i.d. standard normal as before (each `v` is still
+  each draw and each key's derivation as code of its own: the jitted init's first call took 30.5 CPU s for the
+  tiny FashionMNIST model and 15.7 with one draw, 22.5 and 19.0 for the paper's (benchmarks/README.md, "Issue 14,
+  eleventh session"). Here `init_fn` is traced once with `jax.eval_shape` (no computation) to list the shapes
+  of its draws in the order it makes them; then one normal draw of their total size is made (float32, cast to
+  each draw's dtype), and the real `init_fn()` gets consecutive slices of it, in that order. The values are i.i.d. standard normal as before (each `v` is still
   He-normal, and different `v` get disjoint slices), but not flax's: the key decides them all, and a parameter's
   values depend on its place in the creation order. `init_fn` must make the same draws each time (a model's init
   does); one that does not raises a RuntimeError.
@@ -94,7 +95,7 @@ def one_draw(init_fn: Callable[[], T], key: Array) -> T:
     jax.eval_shape(init_fn)
   sizes = [math.prod(shape) for shape, _ in shapes]
   flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-  offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+  offsets = [0, *itertools.accumulate(sizes)]
   served = 0
 
   def replay(shape, dtype):
