@@ -187,7 +187,12 @@ def assert_batches_match(stored, it, apply, params, name, *, batch, n):
       tol = 2e-5 * (np.abs(o.elbo[0]) + np.abs(o.elbo[k]))[real] + 1e-2
       assert np.all(np.abs(llr - (o.elbo[0] - o.elbo[k])[real]) <= tol), (name, k)
     close(stored("log_px")[rows], o.log_px[0])
-    close(stored("kl")[rows].T, np.stack([kl[0] for kl in o.kl]))
+    # The single-sample KL of a model trained 4 steps is heavy-tailed (one example's z1 KL was 3.8e9 nats), and
+    # it amplifies the float32 rounding by which the evaluation's sharded convolutions (8 devices, 3 rows each)
+    # differ from this 1-device pass: that example's z2 KL, 6,640.90 against 6,640.74, differed by 2.4e-5 of
+    # itself. A wrong row, example or key changes a KL by O(1) of itself.
+    np.testing.assert_allclose(stored("kl")[rows].T, np.stack([kl[0] for kl in o.kl])[..., real], rtol=1e-4,
+                               atol=1e-2)
 
 
 def test_all_k_scores_equal_separately_computed_passes(cli_run, workdir, tfds_data_dir):
