@@ -229,15 +229,16 @@ UNCACHEABLE_ONEDNN_WARNING = r"Error writing persistent compilation cache entry 
 
 
 def tensorflow_without_keras(environ=None) -> bool:
-  """Lets `import tensorflow` skip its eager import of Keras, which the launchers never use.
+  """Lets `import tensorflow` skip its eager import of Keras, for a launcher that uses TensorFlow for tf.data only.
 
-  TensorFlow serves the launchers only for tf.data (the tfds pipelines) and TensorBoard summaries (CLU's metric
-  writer), yet `import tensorflow` imports Keras 3's optimizers eagerly, and with them most of Keras and
-  scikit-learn: about 3 of the 8-9 CPU seconds the import takes (benchmarks/README.md, "Issue 14, eleventh
-  session"). TensorFlow skips that import when `TF_USE_LEGACY_KERAS=1` and the legacy `tf_keras` package is not
-  installed, and then fails only where `tf.keras` is used. So this sets `TF_USE_LEGACY_KERAS=1` unless the
-  environment already sets it, `tf_keras` is installed or TensorFlow is already imported. A launcher's choice,
-  like `hvaeood.set_xla_cpu_defaults()`: call it before anything imports TensorFlow.
+  evaluate.py needs TensorFlow only for tf.data (the tfds pipelines), yet `import tensorflow` imports Keras 3's
+  optimizers eagerly, and with them most of Keras and scikit-learn: about 3 of the 8-9 CPU seconds the import
+  takes (benchmarks/README.md, "Issue 14, eleventh session"). TensorFlow skips that import when
+  `TF_USE_LEGACY_KERAS=1` and the legacy `tf_keras` package is not installed, and then fails only where `tf.keras`
+  is used. So this sets `TF_USE_LEGACY_KERAS=1` unless the environment already sets it, `tf_keras` is installed or
+  TensorFlow is already imported. (train.py cannot: CLU's TensorBoard writer imports TensorBoard's hparams plugin,
+  which subclasses `tf.keras.callbacks.Callback` when imported.) A launcher's choice, like
+  `hvaeood.set_xla_cpu_defaults()`: call it before anything imports TensorFlow.
 
   Args:
     environ: the environment to change (default `os.environ`).
