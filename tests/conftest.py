@@ -1,4 +1,5 @@
-"""Shared pytest fixtures. The test session is a launcher: it sets the XLA:CPU default the launchers set."""
+"""Shared pytest fixtures. The test session is a launcher: it sets the XLA:CPU default the launchers set, after
+the test processes' code generation level (helpers.set_test_xla_flags)."""
 
 import fcntl
 import os
@@ -6,9 +7,11 @@ import pathlib
 
 import pytest
 
+import helpers
 import hvaeood
 
-hvaeood.set_xla_cpu_defaults()  # before any test starts JAX's CPU backend
+helpers.set_test_xla_flags()  # before any test starts JAX's CPU backend
+hvaeood.set_xla_cpu_defaults()
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 # Offline IDX sources (see ../shared/data/README.md); overridable by env vars.

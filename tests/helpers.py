@@ -4,8 +4,9 @@
   `write_config` (a config file for `train.py --config`: a checkpoint every step, evaluation only at the end).
 * The production wiring, imported: `shardings`, `init_state`, `jit_step` are `state.init_state` and
   `state.jit_train_step` over a mesh of the given devices.
+* XLA:CPU's code generation at optimisation level 0 in every test process (`set_test_xla_flags`).
 * Subprocesses: `subprocess_env` (CPU only, the device count asked for, the repository and tests on the path, a
-  persistent XLA compilation cache shared by every process), `start_program` / `run_program` (a module of
+  persistent XLA compilation cache shared by every process, the test processes' XLA flags), `start_program` / `run_program` (a module of
   tests/programs/), `launch_train` / `run_cli` (the real command-line tools).
 * A compilation cache for this process (`compilation_cache`), so the same tiny programs compile once.
 * Workdirs and checkpoints: `checkpoint_steps`, `tmp_checkpoint_dirs`, `load_state`, `reference_workdir` (one
@@ -148,7 +149,33 @@ def jit_step(config, model, spe: int, devices=None, wrap=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Persistent compilation cache
+# XLA:CPU code generation in the test processes
+
+OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+DEFAULT_CODEGEN = {"xla_backend_optimization_level": 3}  # XLA's default, for `jax.jit(...).lower(...).compile`
+
+
+def set_test_xla_flags(environ=None) -> None:
+  """Every test process compiles with XLA:CPU's backend optimisation level from $HVAEOOD_TEST_XLA_OPT_LEVEL:
+  0 (LLVM's -O0) unless set, `default` for XLA's own (what users run); XLA_FLAGS that name a level win.
+
+  Most of the suite's time is compiling tiny programs that then run a few steps. At level 0 the tiny model's
+  jitted init and train step take ~40% less CPU to compile and the step runs ~1.8x slower
+  (`python benchmarks/codegen_level.py`; benchmarks/README.md, "Issue 14, twelfth session"). The level changes
+  LLVM's code generation only, not the HLO program, and the float32 results are as accurate: against a float64
+  run of the same parameters, the tiny model's log p(x|z) and per-layer KL have the same largest errors at both
+  levels. Two different programs that compute the same thing (a train step's forward and a forward pass alone)
+  agree less closely at level 0 (1e-5 against 1e-7 of a loss); a test that compares two programs more tightly
+  than float32's accuracy compiles them at XLA's default level (`DEFAULT_CODEGEN`). Call before the launchers'
+  XLA:CPU default (`hvaeood.set_xla_cpu_defaults`), before JAX starts its CPU backend.
+  """
+  environ = os.environ if environ is None else environ
+  level = environ.get("HVAEOOD_TEST_XLA_OPT_LEVEL", "0")
+  flags = environ.get("XLA_FLAGS", "")
+  if level not in ("default", "0", "1", "2", "3"):
+    raise ValueError(f"HVAEOOD_TEST_XLA_OPT_LEVEL={level!r}: set it to 0, 1, 2, 3 or default")
+  if level != "default" and OPT_LEVEL_FLAG not in flags:
+    environ["XLA_FLAGS"] = f"{flags} {OPT_LEVEL_FLAG}={int(level)}".strip()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +214,8 @@ def compilation_cache():
 
 def subprocess_env(devices: int = 1, **extra: str) -> dict:
   """The environment of every test subprocess: CPU only, `devices` fake devices, the repository and tests/ on
-  the path, the shared compilation cache, the launchers' XLA:CPU default; `extra` last."""
+  the path, the shared compilation cache, `extra`, then the test processes' XLA flags and the launchers' XLA:CPU
+  default."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # whatever another test set in this process: the subprocess chooses its devices
   if devices > 1:
@@ -199,6 +227,7 @@ def subprocess_env(devices: int = 1, **extra: str) -> dict:
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["PYTHONUNBUFFERED"] = "1"
   env.update(extra)
+  set_test_xla_flags(env)
   import hvaeood  # pylint: disable=import-outside-toplevel
   hvaeood.set_xla_cpu_defaults(env)  # as the launchers do
   return env
