@@ -3,10 +3,13 @@ test_input_pipeline): the probabilities of all 256^3 colours of one pixel, evalu
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import helpers as H
 from hvaeood import distributions as D
 
 
@@ -27,7 +30,9 @@ def grid_total(params_px: np.ndarray, nr_mix: int, values: np.ndarray) -> float:
   gb = np.stack(np.meshgrid(values, values, indexing="ij"), axis=-1)  # [256 G, 256 B, 2]
   p = jnp.broadcast_to(jnp.asarray(params_px), (16, 256, 256, params_px.shape[-1]))
 
-  @jax.jit
+  # 16.8M evaluations: the run, not the compile, dominates, so this is compiled at XLA's default code generation
+  # level (at the suite's level 0 the tests that call it took 2-5x longer; see helpers.set_test_xla_flags).
+  @functools.partial(jax.jit, compiler_options=H.DEFAULT_CODEGEN)
   def chunk_sum(r_vals):
     r = jnp.broadcast_to(r_vals[:, None, None, None], (16, 256, 256, 1))
     x = jnp.concatenate([r, jnp.broadcast_to(jnp.asarray(gb), (16, 256, 256, 2))], axis=-1)
