@@ -73,7 +73,8 @@ def child(args) -> dict:
     x = throughput.synthetic_batch(np.random.default_rng(0), args.batch_size,
                                    datasets_info.image_shape(config.data.name), config.model.likelihood == "bernoulli")
     params = models.init_params(model, jax.random.PRNGKey(config.seed), x)
-    np.savez(args.work, x=np.asarray(x), **{f"p{i}": np.asarray(l) for i, l in enumerate(jax.tree_util.tree_leaves(params))})
+    leaves = jax.tree_util.tree_leaves(params)
+    np.savez(args.work, x=np.asarray(x), **{f"p{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
     return {}
   if args.role == "f64":
     params, x = _load(jax, model, args.work, np.float64)

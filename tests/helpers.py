@@ -6,8 +6,8 @@
   `state.jit_train_step` over a mesh of the given devices.
 * XLA:CPU's code generation at optimisation level 0 in every test process (`set_test_xla_flags`).
 * Subprocesses: `subprocess_env` (CPU only, the device count asked for, the repository and tests on the path, a
-  persistent XLA compilation cache shared by every process, the test processes' XLA flags), `start_program` / `run_program` (a module of
-  tests/programs/), `launch_train` / `run_cli` (the real command-line tools).
+  persistent XLA compilation cache shared by every process, the test processes' XLA flags), `start_program` /
+  `run_program` (a module of tests/programs/), `launch_train` / `run_cli` (the real command-line tools).
 * A compilation cache for this process (`compilation_cache`), so the same tiny programs compile once.
 * Workdirs and checkpoints: `checkpoint_steps`, `tmp_checkpoint_dirs`, `load_state`, `reference_workdir` (one
   uninterrupted run per session), `copy_workdir`, `garble`, `truncate`.
