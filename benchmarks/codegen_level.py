@@ -111,12 +111,10 @@ def child(args) -> dict:
 
 
 def main(argv=None) -> dict:
+  import throughput  # pylint: disable=import-outside-toplevel
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-  ap.add_argument("--config", default="configs/fashion_mnist_hvae.py:tiny")
-  ap.add_argument("--batch_size", type=int, default=16)
-  ap.add_argument("--conv_impl", default="fast", help="config.model.conv_impl (default fast: XLA's kernels)")
+  throughput.add_first_call_args(ap)
   ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--role", choices=("params", "f64", "run"), help=argparse.SUPPRESS)  # the child processes
   ap.add_argument("--level", help=argparse.SUPPRESS)
   ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -125,22 +123,15 @@ def main(argv=None) -> dict:
     row = child(args)
     print(json.dumps(row), flush=True)
     return row
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   common = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch_size", str(args.batch_size),
             "--conv_impl", args.conv_impl, "--steps", str(args.steps)]
-  rows = {lv: [] for lv in LEVELS}
   with tempfile.TemporaryDirectory() as tmp:
     work = os.path.join(tmp, "params.npz")
     for role in ("params", "f64"):
-      subprocess.run(common + ["--role", role, "--level", "default", "--work", work], env=env, check=True,
-                     capture_output=True, text=True)
-    for _ in range(args.repeats):
-      for level in LEVELS:
-        res = subprocess.run(common + ["--role", "run", "--level", level, "--work", work], env=env, check=True,
-                             capture_output=True, text=True)
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        print(json.dumps(row), flush=True)
-        rows[level].append(row)
+      subprocess.run(common + ["--role", role, "--level", "default", "--work", work], env=throughput.no_cache_env(),
+                     check=True, capture_output=True, text=True)
+    rows = throughput.alternate_fresh_processes(common + ["--role", "run", "--work", work], "--level", LEVELS,
+                                                args.repeats)
   summary = {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats}
   for level in LEVELS:
     for key in ("init_first_call_cpu_s", "step_first_call_cpu_s", f"{args.steps}_steps_wall_s"):

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -63,27 +62,18 @@ def first_call(args) -> dict:
 
 
 def main(argv=None) -> dict:
+  import throughput  # pylint: disable=import-outside-toplevel
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-  ap.add_argument("--config", default="configs/fashion_mnist_hvae.py:tiny")
-  ap.add_argument("--batch_size", type=int, default=16)
-  ap.add_argument("--conv_impl", default="fast", help="config.model.conv_impl (default fast: XLA's kernels)")
-  ap.add_argument("--repeats", type=int, default=2)
+  throughput.add_first_call_args(ap)
   ap.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)  # set in the child processes
   args = ap.parse_args(argv)
   if args.way:
     row = first_call(args)
     print(json.dumps(row), flush=True)
     return row
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  rows = {w: [] for w in WAYS}
-  for _ in range(args.repeats):
-    for way in WAYS:
-      res = subprocess.run([sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch_size",
-                            str(args.batch_size), "--conv_impl", args.conv_impl, "--way", way],
-                           capture_output=True, text=True, env=env, check=True)
-      row = json.loads(res.stdout.strip().splitlines()[-1])
-      print(json.dumps(row), flush=True)
-      rows[way].append(row)
+  rows = throughput.alternate_fresh_processes(
+      [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch_size", str(args.batch_size),
+       "--conv_impl", args.conv_impl], "--way", WAYS, args.repeats)
   summary = {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats}
   for way in WAYS:
     for key in ("first_call_cpu_s", "backend_compile_s"):

@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -74,6 +75,33 @@ def add_conv_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--chunk_bytes", type=int, default=None,
                   help="set config.model.conv_chunk_bytes, the fast path's batch-chunk budget (0: no chunking; "
                        f"default: the config's, None = {layers.DEFAULT_CONV_CHUNK_BYTES})")
+
+
+def add_first_call_args(ap: argparse.ArgumentParser) -> None:
+  """--config, --batch_size, --conv_impl, --repeats of the fresh-process benchmarks (init_compile, codegen_level)."""
+  ap.add_argument("--config", default="configs/fashion_mnist_hvae.py:tiny")
+  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--conv_impl", default="fast", help="config.model.conv_impl (default fast: XLA's kernels)")
+  ap.add_argument("--repeats", type=int, default=2)
+
+
+def no_cache_env() -> dict:
+  """This environment without a persistent compilation cache: a fresh process compiles everything."""
+  return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+
+def alternate_fresh_processes(argv: list, flag: str, variants, repeats: int) -> dict:
+  """Runs `argv + [flag, variant]` for each variant in turn, `repeats` rounds, each in a fresh process without a
+  persistent compilation cache; prints each process's last stdout line (a JSON row) and returns the rows by
+  variant."""
+  rows = {v: [] for v in variants}
+  for _ in range(repeats):
+    for v in variants:
+      res = subprocess.run(list(argv) + [flag, v], capture_output=True, text=True, env=no_cache_env(), check=True)
+      row = json.loads(res.stdout.strip().splitlines()[-1])
+      print(json.dumps(row), flush=True)
+      rows[v].append(row)
+  return rows
 
 
 def synthetic_batch(rng: np.random.Generator, n: int, shape, binary: bool) -> np.ndarray:
